@@ -1,0 +1,173 @@
+"""Weight initializers with the `jax.nn.initializers` signature `init(key, shape, dtype)`.
+
+Flax accepts every one of them as `kernel_init`. Conventions (those of `jax.nn.initializers`):
+a dense kernel has shape (fan_in, fan_out); a convolution kernel (*spatial, in, out), with
+fan_in = in * prod(spatial) and fan_out = out * prod(spatial).
+
+Gaussian weights in the mean-field sense, `gaussian(sigma_w)`, have variance
+sigma_w^2 / fan_in; biases from `bias(sigma_b)` have standard deviation sigma_b.
+
+The named schemes reuse `jax.nn.initializers.variance_scaling`; their "normal" variants
+draw from a truncated normal rescaled to the stated variance, as jax does. `gaussian` draws
+from a true normal, as random-matrix theory assumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from gradflow import _quadrature, activations
+
+Initializer = Callable[..., jax.Array]
+_jinit = jax.nn.initializers
+
+
+def _checked(init: Initializer, name: str, min_rank: int = 2, square_last: bool = False) -> Initializer:
+    """Wrap `init` so a bad shape raises a ValueError naming the initializer and the shape."""
+
+    def checked(key, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < min_rank:
+            raise ValueError(f"{name} needs a kernel of rank >= {min_rank}, got shape {shape}")
+        if any(s <= 0 for s in shape):
+            raise ValueError(f"{name}: every dimension must be positive, got shape {shape}")
+        return init(key, shape, dtype)
+
+    checked.__name__ = name
+    return checked
+
+
+def variance_scaling(scale: float, mode: str, distribution: str, name: str = "variance_scaling"):
+    """`jax.nn.initializers.variance_scaling` with gradflow's shape checks."""
+    if scale <= 0 or not math.isfinite(scale):
+        raise ValueError(f"{name}: scale must be positive and finite, got {scale}")
+    return _checked(_jinit.variance_scaling(scale, mode, distribution), name)
+
+
+def glorot_uniform(gain: float = 1.0) -> Initializer:
+    """U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out))  (Glorot & Bengio 2010)."""
+    return variance_scaling(gain**2, "fan_avg", "uniform", "glorot_uniform")
+
+
+def glorot_normal(gain: float = 1.0) -> Initializer:
+    """Variance gain^2 * 2 / (fan_in + fan_out)  (Glorot & Bengio 2010)."""
+    return variance_scaling(gain**2, "fan_avg", "truncated_normal", "glorot_normal")
+
+
+def he_uniform(gain: float = math.sqrt(2.0)) -> Initializer:
+    """U(-a, a), a = gain * sqrt(3 / fan_in); the default gain sqrt(2) is He et al. 2015."""
+    return variance_scaling(gain**2, "fan_in", "uniform", "he_uniform")
+
+
+def he_normal(gain: float = math.sqrt(2.0)) -> Initializer:
+    """Variance gain^2 / fan_in; the default gain sqrt(2) is He et al. 2015."""
+    return variance_scaling(gain**2, "fan_in", "truncated_normal", "he_normal")
+
+
+def lecun_uniform(gain: float = 1.0) -> Initializer:
+    """U(-a, a), a = gain * sqrt(3 / fan_in)  (LeCun et al. 1998)."""
+    return variance_scaling(gain**2, "fan_in", "uniform", "lecun_uniform")
+
+
+def lecun_normal(gain: float = 1.0) -> Initializer:
+    """Variance gain^2 / fan_in  (LeCun et al. 1998; the SELU initializer)."""
+    return variance_scaling(gain**2, "fan_in", "truncated_normal", "lecun_normal")
+
+
+def orthogonal(gain: float = 1.0) -> Initializer:
+    """Haar-random orthogonal matrix times `gain`: W^T W = gain^2 I (Saxe et al. 2014)."""
+    return _checked(_jinit.orthogonal(gain), "orthogonal")
+
+
+def delta_orthogonal(gain: float = 1.0) -> Initializer:
+    """Convolution kernel zero except its spatial centre, an orthogonal matrix (Xiao et al. 2018)."""
+    return _checked(_jinit.delta_orthogonal(gain), "delta_orthogonal", min_rank=3)
+
+
+def gaussian(sigma_w: float) -> Initializer:
+    """Mean-field Gaussian weights: N(0, sigma_w^2 / fan_in)  (Poole et al. 2016)."""
+    return variance_scaling(sigma_w**2, "fan_in", "normal", "gaussian")
+
+
+def bias(sigma_b: float = 0.0) -> Initializer:
+    """Bias initializer N(0, sigma_b^2); zeros when sigma_b == 0."""
+    if sigma_b < 0 or not math.isfinite(sigma_b):
+        raise ValueError(f"bias: sigma_b must be >= 0 and finite, got {sigma_b}")
+    if sigma_b == 0:
+        return _jinit.zeros
+    return _jinit.normal(sigma_b)
+
+
+def second_moment(activation: str | Callable, q: float = 1.0, **params) -> float:
+    """E[phi(sqrt(q) z)^2], z ~ N(0, 1), by quadrature in float64."""
+    if isinstance(activation, str):
+        fn, kinks = activations.get(activation, **params), activations.kinks(activation, **params)
+    else:
+        fn, kinks = activations.resolve(activation)
+    return _quadrature.precise(_quadrature.gaussian_expectation, lambda x: fn(x) ** 2, q, kinks)
+
+
+def gain(activation: str | Callable, **params) -> float:
+    """The gain that keeps the pre-activation second moment at 1 through a layer.
+
+    With weights of variance gain^2 / fan_in and unit-variance Gaussian pre-activations
+    z, the next pre-activations have second moment gain^2 * E[phi(z)^2]; this returns
+    gain = 1 / sqrt(E[phi(z)^2]), computed by quadrature for any activation (no table).
+    It gives sqrt(2) for relu, 1 for identity, sqrt(2 / (1 + a^2)) for leaky relu with
+    slope a, and 1.5927 for tanh (PyTorch's 5/3 is a heuristic, not this fixed point).
+
+    For positively homogeneous activations (relu, leaky relu, identity) this is also the
+    critical sigma_w of mean-field theory (chi_1 = 1); for others the two differ.
+    """
+    m2 = second_moment(activation, 1.0, **params)
+    if not m2 > 0:
+        raise ValueError(f"activation {activation!r} has E[phi(z)^2] = {m2}; no gain preserves the variance")
+    return 1.0 / math.sqrt(m2)
+
+
+_NAMED: dict[str, Callable[..., Initializer]] = {
+    "glorot_uniform": glorot_uniform,
+    "glorot_normal": glorot_normal,
+    "he_uniform": he_uniform,
+    "he_normal": he_normal,
+    "lecun_uniform": lecun_uniform,
+    "lecun_normal": lecun_normal,
+    "orthogonal": orthogonal,
+    "delta_orthogonal": delta_orthogonal,
+    "gaussian": gaussian,
+}
+_ALIASES = {
+    "xavier_uniform": "glorot_uniform",
+    "xavier_normal": "glorot_normal",
+    "kaiming_uniform": "he_uniform",
+    "kaiming_normal": "he_normal",
+}
+
+
+def register(name: str, builder: Callable[..., Initializer]) -> None:
+    """Add a named initializer builder to the registry used by `get` (and configs, the CLI)."""
+    _NAMED[name] = builder
+
+
+def names() -> list[str]:
+    """Registered initializer names (aliases included), sorted."""
+    return sorted([*_NAMED, *_ALIASES])
+
+
+def get(name: str, **params) -> Initializer:
+    """The initializer `name` built with `params`, e.g. `get("gaussian", sigma_w=1.5)`.
+
+    Raises:
+      ValueError: unknown name (listing the known ones) or bad parameters.
+    """
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _NAMED:
+        raise ValueError(f"unknown initializer {name!r}; known initializers: {', '.join(names())}")
+    try:
+        return _NAMED[canonical](**params)
+    except TypeError as e:
+        raise ValueError(f"initializer {name!r}: bad parameters {params}: {e}") from None
