@@ -2,5 +2,8 @@
 
 from gradflow import activations as activations
 from gradflow import initializers as initializers
+from gradflow import nn as nn
+from gradflow import numerics as numerics
+from gradflow import optim as optim
 
 __version__ = "0.1.0"

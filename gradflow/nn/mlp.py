@@ -1,0 +1,230 @@
+"""Deep feed-forward stacks: plain, BatchNorm / LayerNorm, residual (plain, ReZero, SkipInit, Fixup).
+
+`MLPStack` = input projection -> `depth` identical blocks -> output head. The blocks' parameters
+are stacked on a leading depth axis and the forward pass is one `nn.scan` over depth, so the
+compiled program (and its compile time) does not grow with depth.
+
+Block definitions (h is the block input, width W):
+
+- plain (residual=None):  h' = dropout(phi(norm(W h + b)))
+- residual="plain":       h' = h + dropout(W phi(norm(h)) + b)            (pre-activation, He et al. 2016b)
+- residual="rezero":      h' = h + alpha * dropout(W phi(norm(h)) + b),  alpha = 0 at init (Bachlechner et al. 2020)
+- residual="skipinit":    the same zero-initialised scalar branch multiplier, meant for stacks without
+                          normalization (De & Smith 2020); in an MLP the two coincide at init.
+- residual="fixup":       h' = h + s * (W2 phi(W1 (h + a1) + a2) + a3) + a4 (Zhang et al. 2019): W1 drawn
+                          from `kernel_init` and scaled by depth^(-1/(2m-2)) = depth^(-1/2) (m = 2 layers per
+                          branch), W2 = 0, scalar biases a_i = 0 and multiplier s = 1; no normalization.
+
+With He init and no normalization, the "plain" residual branch doubles the variance per block;
+with BatchNorm on the branch Var(h_l) = Var(h_0) + l. ReZero, SkipInit and Fixup stacks are
+exactly the identity map at initialization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gradflow import activations
+from gradflow.nn.layers import PReLU, RReLU
+from gradflow.nn.walk import LayerWalk
+
+NORMS = (None, "batch", "layer")
+RESIDUALS = (None, "plain", "rezero", "skipinit", "fixup")
+_MODULE_ACTIVATIONS = ("prelu", "rrelu")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not one of {allowed}")
+
+
+def _check_activation(activation: str | Callable) -> None:
+    if isinstance(activation, str) and activation not in _MODULE_ACTIVATIONS:
+        activations.get(activation)  # raises a ValueError listing the known names
+    elif not isinstance(activation, str) and not callable(activation):
+        raise ValueError(f"activation must be a registry name or a callable, got {activation!r}")
+
+
+class Block(nn.Module):
+    """One block of an `MLPStack`; see the module docstring for the maps. Signature fits `nn.scan`."""
+
+    width: int
+    activation: str | Callable = "tanh"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    norm: str | None = None
+    residual: str | None = None
+    dropout_rate: float = 0.0
+    depth: int = 1
+    use_batch_stats: bool = False  # BatchNorm: batch statistics (training) vs running averages
+    deterministic: bool = True  # dropout and RReLU noise off
+    bn_momentum: float = 0.9
+    maxout_pieces: int = 2
+
+    def _phi(self, z: jax.Array) -> jax.Array:
+        if self.activation == "prelu":
+            return PReLU(name="prelu")(z)
+        if self.activation == "rrelu":
+            return RReLU(deterministic=self.deterministic, name="rrelu")(z)
+        if self.activation == "maxout":
+            return activations.maxout(z, self.maxout_pieces)
+        fn = activations.get(self.activation) if isinstance(self.activation, str) else self.activation
+        return fn(z)
+
+    def _norm(self, z: jax.Array) -> jax.Array:
+        if self.norm == "batch":
+            return nn.BatchNorm(
+                use_running_average=not self.use_batch_stats, momentum=self.bn_momentum, name="norm"
+            )(z)
+        if self.norm == "layer":
+            return nn.LayerNorm(name="norm")(z)
+        return z
+
+    def _drop(self, z: jax.Array) -> jax.Array:
+        if self.dropout_rate > 0:
+            return nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(z)
+        return z
+
+    @nn.compact
+    def __call__(self, h: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        dense = lambda features, init=self.kernel_init, name="dense", use_bias=True: nn.Dense(  # noqa: E731
+            features, kernel_init=init, bias_init=self.bias_init, use_bias=use_bias, name=name
+        )
+        pieces = self.maxout_pieces if self.activation == "maxout" else 1
+        if self.residual is None:
+            z = self._drop(self._phi(self._norm(dense(self.width * pieces)(h))))
+            return z, None
+        if self.residual == "fixup":
+            zero = nn.initializers.zeros
+            a = [self.param(f"bias{i}", zero, ()) for i in range(4)]
+            scale = self.param("scale", nn.initializers.ones, ())
+            c = float(self.depth) ** -0.5  # depth^(-1/(2m-2)) with m = 2
+
+            def w1_init(key, shape, dtype=jnp.float32):
+                return c * self.kernel_init(key, shape, dtype)
+
+            z = dense(self.width * pieces, w1_init, "dense1", use_bias=False)(h + a[0])
+            z = self._phi(z + a[1])
+            z = dense(self.width, zero, "dense2", use_bias=False)(self._drop(z) + a[2])
+            return h + scale * z + a[3], None
+        z = self._drop(dense(self.width)(self._phi(self._norm(h))))
+        if self.residual in ("rezero", "skipinit"):
+            z = self.param("alpha", nn.initializers.zeros, ()) * z
+        return h + z, None
+
+
+class MLPStack(nn.Module):
+    """Deep MLP: Dense(width) input projection -> `depth` scanned `Block`s -> Dense(num_outputs) head.
+
+    Attributes:
+      depth, width: number of blocks and their width.
+      activation: registry name ("tanh"), a callable, or a module activation ("prelu", "rrelu";
+        "maxout" with `maxout_pieces`).
+      kernel_init, bias_init: initializers for the blocks (default LeCun normal, zeros).
+      norm: None, "batch" or "layer".
+      residual: None, "plain", "rezero", "skipinit" or "fixup".
+      dropout_rate: dropout after each block's activation (residual: on the branch output).
+      num_outputs: head width; None returns the last block's features.
+      input_init, head_init: initializers of the input projection and head.
+      unroll: `nn.scan` unroll factor (1 keeps compile time flat in depth).
+
+    Call: `model.apply(variables, x_BxD, train=...)`; with norm="batch" and train=True pass
+    `mutable=["batch_stats"]`; with dropout/RReLU in training pass `rngs={"dropout": key}`.
+    """
+
+    depth: int
+    width: int
+    activation: str | Callable = "tanh"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    norm: str | None = None
+    residual: str | None = None
+    dropout_rate: float = 0.0
+    num_outputs: int | None = 10
+    input_init: Callable = nn.initializers.lecun_normal()
+    head_init: Callable = nn.initializers.lecun_normal()
+    bn_momentum: float = 0.9
+    maxout_pieces: int = 2
+    unroll: int = 1
+
+    def __post_init__(self):
+        if self.depth < 1 or self.width < 1:
+            raise ValueError(
+                f"MLPStack needs depth >= 1 and width >= 1, got depth={self.depth}, width={self.width}"
+            )
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("residual", self.residual, RESIDUALS)
+        _check_activation(self.activation)
+        if self.residual == "fixup" and self.norm is not None:
+            raise ValueError("residual='fixup' replaces normalization; use norm=None")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        super().__post_init__()
+
+    @nn.nowrap
+    def block_fields(self, *, train: bool = False, noise: bool | None = None, **overrides) -> dict:
+        """The fields of this stack's `Block`; `train` selects BatchNorm's batch statistics and
+        `noise` (default: `train`) turns dropout and RReLU noise on."""
+        fields = dict(
+            width=self.width,
+            activation=self.activation,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            norm=self.norm,
+            residual=self.residual,
+            dropout_rate=self.dropout_rate,
+            depth=self.depth,
+            use_batch_stats=train,
+            deterministic=not (train if noise is None else noise),
+            bn_momentum=self.bn_momentum,
+            maxout_pieces=self.maxout_pieces,
+        )
+        return {**fields, **overrides}
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        h = nn.Dense(self.width, kernel_init=self.input_init, name="embed")(x)
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=self.depth,
+            unroll=self.unroll,
+        )
+        h, _ = blocks(**self.block_fields(train=train), name="blocks")(h, None)
+        if self.num_outputs is None:
+            return h
+        return nn.Dense(self.num_outputs, kernel_init=self.head_init, name="head")(h)
+
+    @nn.nowrap
+    def walk(self, variables: Any, x: jax.Array, *, train: bool = False) -> LayerWalk:
+        """The blocks as maps h_l = f_l(h_{l-1}) (see `gradflow.nn.walk`).
+
+        h0 = embed(x). `train=True` is the BatchNorm batch map (x must be a batch).
+        """
+        if train and self.norm == "batch" and x.ndim < 2:
+            raise ValueError(
+                f"walk(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
+            )
+        params = variables["params"]
+        h0 = nn.Dense(self.width, parent=None).apply({"params": params["embed"]}, x)
+        layer_vars = {"params": params["blocks"]}
+        if "batch_stats" in variables:
+            layer_vars["batch_stats"] = variables["batch_stats"]["blocks"]
+        block = Block(**self.block_fields(train=train, noise=False, dropout_rate=0.0), parent=None)
+
+        def step(v, h):
+            if train and self.norm == "batch":
+                return block.apply(v, h, mutable=["batch_stats"])[0][0]
+            return block.apply(v, h)[0]
+
+        readout = None
+        if self.num_outputs is not None:
+            head = nn.Dense(self.num_outputs, parent=None)
+            readout = lambda h: head.apply({"params": params["head"]}, h)  # noqa: E731
+        return LayerWalk(step=step, params=layer_vars, h0=h0, readout=readout)
