@@ -40,14 +40,38 @@ def identity(x: ArrayLike) -> Array:
     return jnp.asarray(x)
 
 
+# jax differentiates sigmoid as s (1 - s) and tanh as 1 - tanh^2: both cancel catastrophically
+# for saturated units (float32 returns exactly 0 for sigmoid'(17) = 4e-8 and tanh'(9) = 6e-8),
+# which turns the tiny-but-nonzero Jacobians of saturated nets into exact zeros. The rules below
+# are accurate to rounding over the whole float32 range.
+@jax.custom_jvp
 def sigmoid(x: ArrayLike) -> Array:
-    """Logistic sigmoid 1 / (1 + exp(-x)); its derivative is at most 1/4 (at x = 0)."""
+    """Logistic sigmoid 1 / (1 + exp(-x)); its derivative s(x) s(-x) is at most 1/4 (at x = 0).
+
+    Differentiates as s(x) * s(-x), accurate for saturated units (jax's s (1 - s) is not).
+    """
     return jax.nn.sigmoid(x)
 
 
+@sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return sigmoid(x), jax.nn.sigmoid(x) * jax.nn.sigmoid(-x) * t
+
+
+@jax.custom_jvp
 def tanh(x: ArrayLike) -> Array:
-    """Hyperbolic tangent; its derivative 1 - tanh(x)^2 is at most 1 (at x = 0)."""
+    """Hyperbolic tangent; its derivative sech(x)^2 is at most 1 (at x = 0).
+
+    Differentiates as 1 / cosh(x)^2, accurate for saturated units (jax's 1 - tanh^2 is not).
+    """
     return jnp.tanh(x)
+
+
+@tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return tanh(x), t / jnp.cosh(x) ** 2
 
 
 def hard_tanh(x: ArrayLike) -> Array:

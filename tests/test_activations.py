@@ -125,3 +125,16 @@ def test_kinks_are_recorded():
     assert kinks == (0.0,)
     with pytest.raises(ValueError, match="registry name or a callable"):
         activations.resolve(3)
+
+
+def test_saturated_derivatives_are_accurate_in_float32():
+    # jax's own rules give exactly 0 here; the true values are representable in float32.
+    for x in (9.0, 17.0, 30.0, -30.0):
+        ds = float(jax.grad(activations.sigmoid)(jnp.float32(x)))
+        dt = float(jax.grad(activations.tanh)(jnp.float32(x / 2)))
+        assert ds == pytest.approx(math.exp(-abs(x)) / (1 + math.exp(-abs(x))) ** 2, rel=1e-5)
+        assert dt == pytest.approx(1 / math.cosh(x / 2) ** 2, rel=1e-5)
+    assert float(jax.grad(jax.nn.sigmoid)(jnp.float32(17.0))) == 0.0  # the failure fixed above
+    # Second derivatives still work (theory uses phi'').
+    d2 = float(jax.grad(jax.grad(activations.tanh))(0.5))
+    assert d2 == pytest.approx(-2 * math.tanh(0.5) / math.cosh(0.5) ** 2, rel=1e-5)

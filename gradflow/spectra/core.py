@@ -1,0 +1,337 @@
+"""Per-layer singular-value spectra of Jacobian products, in log space, for any layer walk.
+
+For maps h_l = step(params[l], h_{l-1}), l = 1..L, with A_l = d h_l / d h_{l-1} at the walked
+states:
+- forward products  J_l = A_l ... A_1 = d h_l / d h_0,
+- backward products G_l = A_L ... A_{l+1} = d h_L / d h_l (what a gradient reaching layer l went
+  through; G_L = I). Its singular values are those of G_l^T = A_{l+1}^T ... A_L^T, walked from the top.
+
+Method ("exact"): the product is carried as M V = C^T diag(exp(s)) for an orthogonal V (unknown,
+never needed): C has near-unit rows, s natural-log scales. Each layer applies A_l to the rows of C
+with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), folds the row norms into s, and
+re-orthogonalizes with one-sided Jacobi in log-scaled form (`_jacobi`). At a requested depth the
+sweeps run to convergence and log sigma = sorted s. Nothing is formed at the scale of the product,
+so sigma = 1e-600 or 1e+600 is as accurate as sigma = 1, and the Jacobi step keeps high relative
+accuracy for the smallest singular values (Demmel & Veselic 1992) where SVD of the accumulated
+product loses everything below eps * sigma_max.
+
+Accuracy: the error in log sigma_i grows like eps * sum_l cond(A_l) (rounding in each factor), not
+like the spread of the product: spreads of 1e60 or 1e600 are resolved in float32. What no working
+precision can resolve is a singular value below eps * ||A_l|| of a single, intrinsically
+ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
+(`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
+
+Method ("topk"): the same recursion on k + oversample rows started from a random orthonormal block
+(J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through J_l^T J_l
+(vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e. matrix-free: memory
+O((k + oversample) N + L N), never N x N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gradflow.spectra import _jacobi
+from gradflow.spectra.result import SpectraResult
+
+Step = Callable[[Any, jax.Array], jax.Array]
+METHODS = ("exact", "topk")
+DIRECTIONS = ("forward", "backward")
+
+
+def _flat_step(step: Step, shape: tuple[int, ...]) -> Step:
+    """step on flat vectors, for states of any shape (e.g. (B, W) in BatchNorm batch mode)."""
+    return lambda p, v: step(p, v.reshape(shape)).reshape(-1)
+
+
+def _depth_of(params: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params must be a pytree with at least one leaf (leading axis = depth)")
+    depth = int(jnp.shape(leaves[0])[0]) if jnp.ndim(leaves[0]) else 0
+    for leaf in leaves:
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != depth:
+            raise ValueError(
+                f"every params leaf needs the same leading depth axis; got shapes "
+                f"{[jnp.shape(x) for x in leaves]}"
+            )
+    if depth < 1:
+        raise ValueError("params has a depth axis of length 0")
+    return depth
+
+
+def _check_depths(depths: Sequence[int] | None, depth: int) -> np.ndarray:
+    if depths is None:
+        return np.arange(1, depth + 1)
+    d = np.asarray(depths, dtype=np.int64).reshape(-1)
+    if d.size == 0 or d.min() < 1 or d.max() > depth:
+        raise ValueError(f"depths must be layer indices in 1..{depth}, got {list(depths)}")
+    return np.unique(d)
+
+
+def _states(step: Step, params: Any, h0: jax.Array) -> jax.Array:
+    """h_0 .. h_{L-1}: the points at which A_1 .. A_L are taken, shape (L, N)."""
+    _, hs = lax.scan(lambda h, p: (step(p, h), h), h0, params)
+    return hs
+
+
+def _apply_rows(step: Step, p: Any, h: jax.Array, c: jax.Array, transpose: bool) -> jax.Array:
+    """Rows of c mapped by A = d step(p, .)/dh at h (or by A^T), shape (m, N) -> (m, N)."""
+    if transpose:
+        _, vjp = jax.vjp(lambda x: step(p, x), h)
+        return jax.vmap(lambda v: vjp(v)[0])(c)
+    _, jvp = jax.linearize(lambda x: step(p, x), h)
+    return jax.vmap(jvp)(c)
+
+
+def _walk_products(
+    step: Step,
+    params: Any,
+    points: jax.Array,
+    c: jax.Array,
+    s: jax.Array,
+    record: np.ndarray,
+    transpose: bool,
+    tol: float | None,
+) -> jax.Array:
+    """Scan layers in the given order; converge and record sorted log-scales where record[l]."""
+
+    def body(carry, xs):
+        c, s = carry
+        p, h = xs
+        c, s = _jacobi.renormalize(_apply_rows(step, p, h, c, transpose), s)
+        # Converge at every layer: orthogonal rows keep the next layer's product accurate to
+        # eps * cond(A_l); one sweep per layer lets cond(C) grow to ~1e6 and the error with it.
+        c, s = _jacobi.orthogonalize(c, s, tol=tol)[:2]
+        return (c, s), jnp.sort(s)[::-1]
+
+    del record  # every layer is converged anyway; kept for a future cheaper in-between step
+    (_, _), logs = lax.scan(body, (c, s), (params, points))
+    return logs
+
+
+def _reverse(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[::-1], tree)
+
+
+def jacobian_spectra(
+    step: Step,
+    params: Any,
+    h0: jax.Array,
+    *,
+    depths: Sequence[int] | None = None,
+    method: str = "exact",
+    k: int | None = None,
+    direction: str = "forward",
+    oversample: int = 8,
+    refine: int = 50,
+    key: jax.Array | None = None,
+    tol: float | None = None,
+) -> SpectraResult:
+    """Log singular values of J_l = d h_l / d h_0 (or G_l = d h_L / d h_l) at every requested depth.
+
+    Args:
+      step: (params_l, h) -> h, pure; h may have any shape (it is flattened: N = h0.size).
+      params: pytree whose leaves share a leading depth axis of length L.
+      h0: the input state of layer 1.
+      depths: 1-based layer indices (default: all 1..L). For "backward", l means G_l = d h_L / d h_l.
+      method: "exact" (all N singular values) or "topk" (matrix-free, the k largest).
+      k: number of singular values kept (default: all for exact; required for topk).
+      direction: "forward" (J_l) or "backward" (G_l).
+      oversample, refine, key: topk only: extra block columns, the most subspace-iteration rounds
+        at each requested depth (it stops once the top k log sigma move by < 1e-5), and the PRNG
+        key of the random start block.
+      tol: Jacobi convergence tolerance on pair cosines (default 8 N eps).
+
+    Returns:
+      SpectraResult with `.depths` (len D) and `.log_singular_values` (D, k), natural log, sorted
+      descending; -inf marks an exactly zero singular value (e.g. dead ReLU units).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}")
+    h0 = jnp.asarray(h0)
+    if not jnp.issubdtype(h0.dtype, jnp.floating):
+        raise ValueError(f"h0 must be floating point, got dtype {h0.dtype}")
+    if not bool(jnp.all(jnp.isfinite(h0))):
+        raise ValueError("h0 contains non-finite values")
+    depth = _depth_of(params)
+    wanted = _check_depths(depths, depth)
+    n = int(h0.size)
+    if k is None:
+        if method == "topk":
+            raise ValueError("method='topk' needs k (the number of leading singular values)")
+        k = n
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
+
+    flat = _flat_step(step, h0.shape)
+    points = _states(flat, params, h0.reshape(-1))
+    if method == "exact":
+        logs = _exact(flat, params, points, wanted, depth, direction, tol)
+    else:
+        key = jax.random.key(0) if key is None else key
+        logs = _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol)
+    return SpectraResult(depths=wanted, log_singular_values=np.asarray(logs)[:, :k], direction=direction)
+
+
+def _exact(flat, params, points, wanted, depth, direction, tol):
+    n = points.shape[1]
+    c, s = _jacobi.pad_even(jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype))
+    record = np.zeros(depth, bool)
+    if direction == "forward":
+        record[wanted - 1] = True
+        logs = jax.jit(_walk_products, static_argnums=(0, 6, 7))(
+            flat, params, points, c, s, record, False, tol
+        )
+        logs = logs[wanted - 1]
+    else:
+        # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ...; after the step through A_m^T the
+        # product is G_{m-1}^T. G_L = I is recorded directly.
+        ts = [depth - int(l) - 1 for l in wanted if l < depth]
+        record[ts] = True
+        logs_rev = jax.jit(_walk_products, static_argnums=(0, 6, 7))(
+            flat, _reverse(params), points[::-1], c, s, record, True, tol
+        )
+        identity = jnp.zeros(c.shape[0], points.dtype).at[n:].set(-jnp.inf)  # G_L = I
+        rows = [identity if l == depth else logs_rev[depth - int(l) - 1] for l in wanted]
+        logs = jnp.stack(rows)
+    return logs[:, :n]
+
+
+def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
+    """Apply n_steps layers of the walk to the rows of a log-scaled block (dynamic trip count).
+
+    Up (down=False): layers 0 .. n_steps-1 in walk order, each by A (or A^T if transpose).
+    Down (down=True): the adjoint of that, layers n_steps-1 .. 0, each by A^T (or A).
+    """
+
+    def body(t, carry):
+        c, s = carry
+        i = jnp.where(down, n_steps - 1 - t, t)
+        p = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
+        h = lax.dynamic_index_in_dim(points, i, keepdims=False)
+        c, s = _jacobi.renormalize(_apply_rows(flat, p, h, c, transpose != down), s)
+        return _jacobi.orthogonalize(c, s, tol=tol)[:2]
+
+    return lax.fori_loop(0, n_steps, body, (c, s))
+
+
+def _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol, refine_tol=1e-5):
+    """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J."""
+    n = points.shape[1]
+    m = min(n, k + oversample)
+    m += m % 2  # the round-robin schedule pairs rows
+    m = min(m, n + (n % 2))
+    x0 = jnp.linalg.qr(jax.random.normal(key, (n, min(m, n)), points.dtype))[0].T
+    x0, _ = _jacobi.pad_even(x0, jnp.zeros(x0.shape[0], points.dtype))
+    transpose = direction == "backward"
+    if transpose:
+        params, points = _reverse(params), points[::-1]
+
+    @jax.jit
+    def at_depth(n_steps):
+        zeros = jnp.zeros(m, points.dtype)
+        c, s = _layers(flat, params, points, x0, zeros, n_steps, transpose, False, tol)
+
+        def refine_once(_, cs):
+            c, s = _jacobi.orthogonalize(*cs, tol=tol)[:2]
+            # Left singular directions U (rows of c) back down: J^T U, then orthonormalize to X.
+            u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
+            c, s = _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)
+            c, _ = _jacobi.orthogonalize(c, s, tol=tol)[:2]
+            return _layers(flat, params, points, c, zeros, n_steps, transpose, False, tol)
+
+        def top(s):
+            return jnp.sort(s)[::-1][:k]
+
+        def cond(state):
+            _, _, change, it = state
+            return (change > refine_tol) & (it < refine)
+
+        def body(state):
+            c, s, _, it = state
+            c2, s2 = refine_once(it, (c, s))
+            change = jnp.max(
+                jnp.abs(
+                    top(_jacobi.orthogonalize(c2, s2, tol=tol)[1])
+                    - top(_jacobi.orthogonalize(c, s, tol=tol)[1])
+                )
+            )
+            return c2, s2, change, it + 1
+
+        c, s, _, _ = lax.while_loop(cond, body, (c, s, jnp.asarray(jnp.inf, points.dtype), 0))
+        c, s, _ = _jacobi.orthogonalize(c, s, tol=tol)
+        return jnp.sort(s)[::-1]
+
+    logs = []
+    for l in wanted:
+        n_steps = int(l) if direction == "forward" else depth - int(l)
+        if n_steps == 0:  # G_L = I
+            logs.append(jnp.zeros(m, points.dtype))
+        else:
+            logs.append(at_depth(n_steps))
+    return jnp.stack(logs)
+
+
+def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None = None) -> jax.Array:
+    """Per-layer Lyapunov exponents of the walk: lim (1/L) log sigma_i(J_L), sorted descending.
+
+    The Benettin et al. (1980) QR method: Q_0 = I[:, :k]; A_l Q_{l-1} = Q_l R_l (Householder QR);
+    lambda_i = (1/L) sum_l log |(R_l)_ii|. For recurrent walks these are the exponents per time step.
+
+    Args:
+      step, params, h0: as in `jacobian_spectra`.
+      k: how many leading exponents (default: all N).
+
+    Returns:
+      (k,) array, sorted descending; -inf for directions the map annihilates.
+    """
+    h0 = jnp.asarray(h0)
+    depth = _depth_of(params)
+    n = int(h0.size)
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
+    flat = _flat_step(step, h0.shape)
+
+    @jax.jit
+    def run(params, h0):
+        points = _states(flat, params, h0)
+
+        def body(carry, xs):
+            q, acc = carry
+            p, h = xs
+            y = _apply_rows(flat, p, h, q.T, False).T  # (n, k) = A_l Q
+            q, r = jnp.linalg.qr(y)
+            return (q, acc + jnp.log(jnp.abs(jnp.diagonal(r)))), None
+
+        q0 = jnp.eye(n, k, dtype=h0.dtype)
+        (_, acc), _ = lax.scan(body, (q0, jnp.zeros(k, h0.dtype)), (params, points))
+        return jnp.sort(acc / depth)[::-1]
+
+    return run(params, h0.reshape(-1))
+
+
+def model_spectra(
+    model: Any, variables: Any, x: jax.Array, *, train: bool = False, **options
+) -> SpectraResult:
+    """`jacobian_spectra` of any gradflow stack through its layer-walking interface.
+
+    Args:
+      model: a stack with `walk(variables, x, train=...)` (MLPStack, RNNStack, LSTMStack, GRUStack).
+      variables: its variables (params, and batch_stats if any).
+      x: one input (per-example map) or, with `train=True` for BatchNorm, a batch (the batch map).
+      **options: passed to `jacobian_spectra` (depths, method, k, direction, ...).
+    """
+    if not hasattr(model, "walk"):
+        raise ValueError(f"{type(model).__name__} has no layer-walking interface (walk method)")
+    walk = model.walk(variables, x, train=train)
+    return jacobian_spectra(walk.step, walk.params, walk.h0, **options)

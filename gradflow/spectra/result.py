@@ -1,0 +1,142 @@
+"""The result of a spectra computation: log singular values over depth, statistics, I/O, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectraResult:
+    """Log singular values (natural log, sorted descending) of a Jacobian product at each depth.
+
+    Attributes:
+      depths: (D,) 1-based layer indices l.
+      log_singular_values: (D, k) log sigma_i of J_l (forward) or G_l (backward); -inf = exactly 0.
+      direction: "forward" (J_l = d h_l / d h_0) or "backward" (G_l = d h_L / d h_l).
+    """
+
+    depths: np.ndarray
+    log_singular_values: np.ndarray
+    direction: str = "forward"
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", np.asarray(self.depths))
+        object.__setattr__(self, "log_singular_values", np.asarray(self.log_singular_values))
+        if self.log_singular_values.ndim != 2 or self.log_singular_values.shape[0] != self.depths.shape[0]:
+            raise ValueError(
+                f"log_singular_values must be (len(depths), k); got {self.log_singular_values.shape} "
+                f"for {self.depths.shape[0]} depths"
+            )
+
+    @property
+    def log_max(self) -> np.ndarray:
+        """log sigma_max per depth."""
+        return self.log_singular_values[:, 0]
+
+    @property
+    def log_min(self) -> np.ndarray:
+        """log sigma_min per depth (of the k kept)."""
+        return self.log_singular_values[:, -1]
+
+    @property
+    def log_spread(self) -> np.ndarray:
+        """log(sigma_max / sigma_min) per depth."""
+        return self.log_max - self.log_min
+
+    @property
+    def log_mean_sq(self) -> np.ndarray:
+        """log mean_i sigma_i^2 per depth (the mean-field quantity chi_1^l), overflow-free."""
+        x = 2.0 * self.log_singular_values
+        m = np.max(x, axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        with np.errstate(divide="ignore"):
+            return (m[:, 0] + np.log(np.mean(np.exp(x - m), axis=1))).astype(np.float64)
+
+    @property
+    def isometry_gap(self) -> np.ndarray:
+        """Distance from isometry: RMS of log sigma_i per depth (0 iff every sigma_i = 1)."""
+        return np.sqrt(np.mean(self.log_singular_values**2, axis=1))
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Every per-depth statistic in one dict (for tables, JSON and the atlas)."""
+        return {
+            "depth": self.depths,
+            "log_max": self.log_max,
+            "log_min": self.log_min,
+            "log_mean_sq": self.log_mean_sq,
+            "log_spread": self.log_spread,
+            "isometry_gap": self.isometry_gap,
+        }
+
+    def table(self, max_rows: int = 12) -> str:
+        """A plain-text table of the summary at up to `max_rows` depths."""
+        idx = np.unique(np.linspace(0, len(self.depths) - 1, min(max_rows, len(self.depths))).astype(int))
+        head = f"{'depth':>6} {'log smax':>10} {'log smin':>10} {'log mean s2':>12} {'log spread':>11} {'iso gap':>8}"
+        rows = [head]
+        for i in idx:
+            rows.append(
+                f"{self.depths[i]:>6d} {self.log_max[i]:>10.3f} {self.log_min[i]:>10.3f} "
+                f"{self.log_mean_sq[i]:>12.3f} {self.log_spread[i]:>11.3f} {self.isometry_gap[i]:>8.3f}"
+            )
+        return "\n".join(rows)
+
+    def save(self, path: str | pathlib.Path) -> None:
+        """Write to `.npz` (depths, log_singular_values, direction)."""
+        np.savez(
+            path, depths=self.depths, log_singular_values=self.log_singular_values, direction=self.direction
+        )
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> SpectraResult:
+        """Read a result written by `save`."""
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no spectra file at {path}")
+        with np.load(path, allow_pickle=False) as z:
+            return cls(
+                depths=z["depths"],
+                log_singular_values=z["log_singular_values"],
+                direction=str(z["direction"]),
+            )
+
+    def plot(
+        self, path: str | pathlib.Path | None = None, *, at: tuple[int, ...] | None = None, title: str = ""
+    ):
+        """Heatmap of log sigma over depth, and the density of log sigma at chosen depths.
+
+        Returns the matplotlib figure; writes it to `path` if given.
+        """
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+        finite = np.where(np.isfinite(self.log_singular_values), self.log_singular_values, np.nan)
+        lo, hi = np.nanmin(finite), np.nanmax(finite)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 80)
+        hist = np.stack([np.histogram(row[np.isfinite(row)], bins=bins)[0] for row in finite])
+        extent = (bins[0], bins[-1], self.depths[-1] + 0.5, self.depths[0] - 0.5)
+        im = ax0.imshow(np.log1p(hist), aspect="auto", extent=extent, cmap="magma")
+        ax0.set(
+            xlabel="log singular value", ylabel="layer l", title=title or f"{self.direction} Jacobian spectra"
+        )
+        fig.colorbar(im, ax=ax0, label="log(1 + count)")
+        chosen = at or tuple(
+            sorted({int(self.depths[0]), int(self.depths[len(self.depths) // 2]), int(self.depths[-1])})
+        )
+        for l in chosen:
+            i = int(np.searchsorted(self.depths, l))
+            row = finite[i][np.isfinite(finite[i])]
+            ax1.hist(row, bins=40, density=True, histtype="step", label=f"l = {self.depths[i]}")
+        ax1.set(xlabel="log singular value", ylabel="density", title="spectrum density at chosen depths")
+        ax1.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig

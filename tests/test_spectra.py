@@ -1,0 +1,318 @@
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+
+from gradflow import initializers, spectra
+from gradflow._quadrature import x64
+from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
+
+
+def linear_step(a, h):
+    return a @ h
+
+
+def _gaussian_factors(key, depth, n, scale=1.0):
+    return scale * jax.random.normal(key, (depth, n, n)) / np.sqrt(n)
+
+
+def _mp_log_svals(mats, depths, dps=80):
+    """Exact log singular values of the products of float32 matrices, in mpmath."""
+    mpmath.mp.dps = dps
+    n = mats.shape[1]
+    prod = mpmath.eye(n)
+    out = {}
+    for l, a in enumerate(np.asarray(mats, np.float64), start=1):
+        prod = mpmath.matrix(a.tolist()) * prod
+        if l in depths:
+            s = mpmath.svd_r(prod, compute_uv=False)
+            out[l] = np.array(sorted((float(mpmath.log(x)) for x in s), reverse=True))
+    return out
+
+
+def _layer_jacobians(step, params, h0):
+    """The per-layer Jacobians exactly as the engine sees them: float32, at the float32 walk's states."""
+    shape = np.shape(h0)
+    f = lambda p, v: step(p, v.reshape(shape)).reshape(-1)
+    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
+    h, mats = jnp.asarray(h0).reshape(-1), []
+    for l in range(depth):
+        p = jax.tree_util.tree_map(lambda a, l=l: a[l], params)
+        mats.append(np.asarray(jax.jacfwd(lambda v, p=p: f(p, v))(h), np.float64))
+        h = f(p, h)
+    return np.stack(mats)
+
+
+def _product_log_svals(mats, direction="forward"):
+    """float64 products of given factors and their log singular values (use with _reliable)."""
+    n, depth = mats.shape[1], mats.shape[0]
+    logs = []
+    for l in range(1, depth + 1):
+        m = np.eye(n)
+        for a in mats[:l] if direction == "forward" else mats[l:]:
+            m = a @ m
+        with np.errstate(divide="ignore"):
+            logs.append(np.log(np.linalg.svd(m, compute_uv=False)))
+    return np.array(logs)
+
+
+def _float64_products(step, params, h0, direction="forward"):
+    """Brute force: jacfwd per layer in float64, products and SVD (only where float64 is reliable)."""
+    with x64():
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
+        h = jnp.asarray(np.asarray(h0), jnp.float64).reshape(-1)
+        shape = np.shape(h0)
+        f = lambda p, v: step(p, v.reshape(shape)).reshape(-1)
+        depth = jax.tree_util.tree_leaves(params)[0].shape[0]
+        mats = []
+        for l in range(depth):
+            p = jax.tree_util.tree_map(lambda a, l=l: a[l], params)
+            mats.append(np.asarray(jax.jacfwd(lambda v, p=p: f(p, v))(h)))
+            h = f(p, h)
+    n = mats[0].shape[0]
+    logs = []
+    for l in range(1, depth + 1):
+        if direction == "forward":
+            m = np.eye(n)
+            for a in mats[:l]:
+                m = a @ m
+        else:
+            m = np.eye(n)
+            for a in mats[l:]:
+                m = a @ m
+        logs.append(np.log(np.linalg.svd(m, compute_uv=False)))
+    return np.array(logs), mats
+
+
+def _reliable(ref):
+    """Where the float64 product's SVD is itself reliable: relative error ~ eps64 * smax / s < 2e-5."""
+    return ref > ref[:, :1] - 25.0
+
+
+def test_matches_float64_on_a_tanh_net_forward_and_backward():
+    depth, n = 12, 16
+    w = _gaussian_factors(jax.random.key(0), depth, n, 1.3)
+    step = lambda w, h: jnp.tanh(w @ h)
+    h0 = jax.random.normal(jax.random.key(1), (n,))
+    for direction in ("forward", "backward"):
+        ref, _ = _float64_products(step, w, h0, direction)
+        res = spectra.jacobian_spectra(step, w, h0, direction=direction)
+        np.testing.assert_array_equal(res.depths, np.arange(1, depth + 1))
+        assert res.log_singular_values.shape == (depth, n)
+        ok = _reliable(ref)
+        assert ok.mean() > 0.8
+        np.testing.assert_allclose(res.log_singular_values[ok], ref[ok], atol=2e-4)
+
+
+def test_full_spectrum_beyond_float64_against_mpmath():
+    # 8x8 Gaussian factors: Lyapunov gap lambda_1 - lambda_8 ~ 1.6 per layer, so at depth 40 the
+    # spread is ~e^64 ~ 1e28: float64 products lose the small singular values, float32 ones all
+    # but the top few. The log-scaled Jacobi recursion in float32 keeps every one.
+    depth, n = 40, 8
+    a = _gaussian_factors(jax.random.key(2), depth, n)
+    res = spectra.jacobian_spectra(linear_step, a, jnp.zeros(n), depths=[10, 25, 40])
+    ref = _mp_log_svals(a, {10, 25, 40})
+    for i, l in enumerate(res.depths):
+        np.testing.assert_allclose(res.log_singular_values[i], ref[l], atol=2e-3)
+    assert ref[40][0] - ref[40][-1] > 50  # the spread really is beyond float64
+    naive = np.log(np.linalg.svd(np.linalg.multi_dot(np.asarray(a, np.float32)[::-1]), compute_uv=False))
+    assert np.abs(naive[-1] - ref[40][-1]) > 10  # float32 product + SVD is far off
+
+
+def test_issue_example_tanh_small_singular_values_stay_accurate():
+    # The issue's case scaled down: tanh, sigma_w = 1.05, where the float32 product's SVD reports
+    # a smallest singular value many orders too large.
+    depth, n = 64, 24
+    w = _gaussian_factors(jax.random.key(3), depth, n, 1.05)
+    step = lambda w, h: jnp.tanh(w @ h)
+    h0 = jax.random.normal(jax.random.key(4), (n,))
+    res = spectra.jacobian_spectra(step, w, h0, depths=[depth])
+    ref = _mp_log_svals(_layer_jacobians(step, w, h0), {depth}, dps=120)[depth]
+    assert ref[0] - ref[-1] > 120  # a spread of ~1e66: beyond float64 many times over
+    np.testing.assert_allclose(res.log_singular_values[0], ref, atol=5e-3)
+
+
+def test_orthogonal_linear_stack_is_an_exact_isometry_at_every_depth():
+    depth, n = 200, 16
+    keys = jax.random.split(jax.random.key(5), depth)
+    q = jax.vmap(lambda k: initializers.orthogonal()(k, (n, n)))(keys)
+    res = spectra.jacobian_spectra(linear_step, q, jnp.zeros(n))
+    np.testing.assert_allclose(res.log_singular_values, 0.0, atol=5e-5)
+    np.testing.assert_allclose(res.isometry_gap, 0.0, atol=5e-5)
+
+
+def _log_det_and_extremes(mats):
+    """Oracles without the product: sum log sigma = sum log|det A_l| (exact), and log sigma_max /
+    log sigma_min by float64 power-style products renormalised every layer."""
+    mats = np.asarray(mats, np.float64)
+    logdet = sum(np.linalg.slogdet(a)[1] for a in mats)
+    v, log_top = np.eye(mats.shape[1]), 0.0
+    for a in mats:
+        v = a @ v
+        nrm = np.linalg.norm(v, 2)
+        v, log_top = v / nrm, log_top + np.log(nrm)
+    log_top += np.log(np.linalg.svd(v, compute_uv=False)[0])
+    u, log_inv = np.eye(mats.shape[1]), 0.0
+    for a in mats:  # J^{-1} = A_1^{-1} ... A_L^{-1}
+        u = u @ np.linalg.inv(a)
+        nrm = np.linalg.norm(u, 2)
+        u, log_inv = u / nrm, log_inv + np.log(nrm)
+    log_inv += np.log(np.linalg.svd(u, compute_uv=False)[0])
+    return logdet, log_top, -log_inv
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "exploding"])
+def test_depth_1000_in_float32_never_underflows_or_overflows(case):
+    depth, n = 1000, 8
+    w = _gaussian_factors(jax.random.key(6), depth, n, 1.0 if case == "sigmoid" else 16.0)
+    if case == "sigmoid":
+        step = lambda w, h: jax.nn.sigmoid(w @ h)
+    else:
+        step = lambda w, h: w @ h
+    h0 = jax.random.normal(jax.random.key(7), (n,))
+    res = spectra.jacobian_spectra(step, w, h0, depths=[500, 1000])
+    logs = res.log_singular_values[-1]
+    assert np.all(np.isfinite(logs)) and logs.dtype == np.float32
+    if case == "sigmoid":
+        assert logs[0] < np.log(1e-38) * 10  # every singular value far below float32's range
+    else:
+        assert logs[-1] > np.log(1e38) * 10  # every one far above it
+    mats = _layer_jacobians(step, w, h0) if case == "sigmoid" else np.asarray(w, np.float64)
+    logdet, log_top, log_bottom = _log_det_and_extremes(mats)
+    assert logs.sum() == pytest.approx(logdet, rel=2e-5)
+    assert logs[0] == pytest.approx(log_top, abs=2e-2)
+    assert logs[-1] == pytest.approx(log_bottom, abs=2e-2)
+
+
+def test_topk_is_matrix_free_and_matches_exact():
+    depth, n, k = 10, 48, 5
+    w = _gaussian_factors(jax.random.key(8), depth, n, 1.5)
+    step = lambda w, h: jnp.tanh(w @ h)
+    h0 = jax.random.normal(jax.random.key(9), (n,))
+    exact = spectra.jacobian_spectra(step, w, h0, depths=[1, 5, 10])
+    for direction in ("forward", "backward"):
+        ex = spectra.jacobian_spectra(step, w, h0, depths=[1, 5, 10], direction=direction)
+        top = spectra.jacobian_spectra(
+            step, w, h0, depths=[1, 5, 10], method="topk", k=k, direction=direction
+        )
+        assert top.log_singular_values.shape == (3, k)
+        np.testing.assert_allclose(top.log_singular_values, ex.log_singular_values[:, :k], atol=1e-3)
+    assert exact.log_singular_values.shape == (3, n)
+
+
+def test_lyapunov_exponents_sum_to_the_mean_log_determinant_and_match_long_products():
+    depth, n = 300, 8
+    a = _gaussian_factors(jax.random.key(10), depth, n)
+    lyap = np.asarray(spectra.lyapunov_exponents(linear_step, a, jnp.zeros(n)))
+    assert np.all(np.diff(lyap) <= 0)
+    logdet = sum(np.linalg.slogdet(m)[1] for m in np.asarray(a, np.float64))
+    assert lyap.sum() == pytest.approx(logdet / depth, rel=1e-4)
+    res = spectra.jacobian_spectra(linear_step, a, jnp.zeros(n), depths=[depth])
+    np.testing.assert_allclose(lyap, res.log_singular_values[0] / depth, atol=0.02)
+    assert spectra.lyapunov_exponents(linear_step, a, jnp.zeros(n), k=3).shape == (3,)
+
+
+STACKS = [
+    ("plain-tanh", MLPStack(depth=4, width=6, activation="tanh", num_outputs=None), False),
+    (
+        "residual-relu",
+        MLPStack(depth=4, width=6, activation="relu", residual="plain", num_outputs=None),
+        False,
+    ),
+    ("layernorm", MLPStack(depth=4, width=6, norm="layer", num_outputs=None), False),
+    ("batchnorm-eval", MLPStack(depth=4, width=6, norm="batch", num_outputs=None), False),
+    (
+        "batchnorm-batch-map",
+        MLPStack(depth=3, width=4, norm="batch", activation="relu", num_outputs=None),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize("name, model, train", STACKS, ids=[s[0] for s in STACKS])
+def test_every_feed_forward_stack_against_brute_force(name, model, train):
+    x = jax.random.normal(jax.random.key(11), (3, 5))
+    v = model.init(jax.random.key(12), x)
+    xin = x if train else x[0]
+    res = spectra.model_spectra(model, v, xin, train=train)
+    walk = model.walk(v, xin, train=train)
+    ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
+    n = walk.h0.size
+    # Normalization layers have singular values near eps * ||A_l|| in a single factor (LayerNorm's
+    # near-null direction): float32 cannot resolve those; compare above that floor here and the
+    # whole spectrum in float64 below.
+    # Relative error ~ eps32 * smax / s must stay under the 5e-4 tolerance: s / smax > e^-8.
+    floor = ref > ref[:, :1] - 8.0
+    assert res.log_singular_values.shape == (model.depth, n)
+    finite = np.isfinite(ref) & _reliable(ref) & floor
+    np.testing.assert_allclose(res.log_singular_values[finite], ref[finite], atol=5e-4)
+    if train:  # the batch map's Jacobian couples examples: it is not block diagonal
+        assert np.all(np.isfinite(res.log_singular_values[:, :3]))
+
+
+@pytest.mark.parametrize("stack", [RNNStack, LSTMStack, GRUStack])
+def test_recurrent_stacks_through_time_against_brute_force(stack):
+    xs = jax.random.normal(jax.random.key(13), (2, 9, 3))
+    model = stack(hidden=5)
+    v = model.init(jax.random.key(14), xs)
+    res = spectra.model_spectra(model, v, xs[0], depths=[1, 4, 9])
+    walk = model.walk(v, xs[0])
+    ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
+    ref = ref[[0, 3, 8]]
+    np.testing.assert_allclose(res.log_singular_values[_reliable(ref)], ref[_reliable(ref)], atol=5e-4)
+
+
+def test_result_statistics_save_load_and_plot(tmp_path):
+    logs = np.log(np.array([[4.0, 1.0, 0.25], [2.0, 2.0, 2.0]]))
+    r = spectra.SpectraResult(depths=np.array([1, 2]), log_singular_values=logs)
+    np.testing.assert_allclose(r.log_max, np.log([4.0, 2.0]))
+    np.testing.assert_allclose(r.log_min, np.log([0.25, 2.0]))
+    np.testing.assert_allclose(r.log_spread, np.log([16.0, 1.0]))
+    np.testing.assert_allclose(r.log_mean_sq, np.log([(16 + 1 + 1 / 16) / 3, 4.0]))
+    np.testing.assert_allclose(r.isometry_gap, [np.sqrt(2 * np.log(4) ** 2 / 3), np.log(2)])
+    r.save(tmp_path / "s.npz")
+    back = spectra.SpectraResult.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back.log_singular_values, logs)
+    assert back.direction == "forward"
+    r.plot(tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert "log smax" in r.table()
+    with pytest.raises(FileNotFoundError, match="no spectra file"):
+        spectra.SpectraResult.load(tmp_path / "missing.npz")
+
+
+def test_bad_input_is_named():
+    w = jnp.zeros((3, 4, 4))
+    with pytest.raises(ValueError, match="method='svd' is not one of"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), method="svd")
+    with pytest.raises(ValueError, match="direction='up'"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), direction="up")
+    with pytest.raises(ValueError, match=r"depths must be layer indices in 1..3"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), depths=[0, 2])
+    with pytest.raises(ValueError, match="needs k"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), method="topk")
+    with pytest.raises(ValueError, match="non-finite"):
+        spectra.jacobian_spectra(linear_step, w, jnp.array([1.0, jnp.nan, 0, 0]))
+    with pytest.raises(ValueError, match="same leading depth axis"):
+        spectra.jacobian_spectra(
+            lambda p, h: h, {"a": jnp.zeros((3, 2)), "b": jnp.zeros((2, 2))}, jnp.zeros(4)
+        )
+    with pytest.raises(ValueError, match="no layer-walking interface"):
+        spectra.model_spectra(object(), {}, jnp.zeros(3))
+
+
+def test_float64_engine_resolves_what_float32_cannot():
+    model = MLPStack(depth=3, width=6, norm="layer", num_outputs=None)
+    x = jax.random.normal(jax.random.key(15), (5,))
+    v = model.init(jax.random.key(16), x[None])
+    with x64():
+        v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), v)
+        x64_ = jnp.asarray(x, jnp.float64)
+        res = spectra.model_spectra(model, v64, x64_)
+        walk = model.walk(v64, x64_)
+        ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
+    assert res.log_singular_values.dtype == np.float64
+    ok = _reliable(ref) & np.isfinite(ref)
+    assert (ref[ok] < ref[:, :1].repeat(ref.shape[1], 1)[ok] - 12).any()  # tiny values really checked
+    np.testing.assert_allclose(res.log_singular_values[ok], ref[ok], atol=1e-6)
