@@ -29,6 +29,7 @@ O((k + oversample) N + L N), never N x N.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,8 +46,12 @@ METHODS = ("exact", "topk")
 DIRECTIONS = ("forward", "backward")
 
 
+@functools.lru_cache(maxsize=256)
 def _flat_step(step: Step, shape: tuple[int, ...]) -> Step:
-    """step on flat vectors, for states of any shape (e.g. (B, W) in BatchNorm batch mode)."""
+    """step on flat vectors, for states of any shape (e.g. (B, W) in BatchNorm batch mode).
+
+    Cached, so the same `step` gives the same function and jit reuses its compiled program.
+    """
     return lambda p, v: step(p, v.reshape(shape)).reshape(-1)
 
 
@@ -105,10 +110,9 @@ def _walk_products(
     def body(carry, xs):
         c, s = carry
         p, h = xs
-        c, s = _jacobi.renormalize(_apply_rows(step, p, h, c, transpose), s)
-        # Converge at every layer: orthogonal rows keep the next layer's product accurate to
+        # Converge at every layer: orthonormal rows keep the next layer's product accurate to
         # eps * cond(A_l); one sweep per layer lets cond(C) grow to ~1e6 and the error with it.
-        c, s = _jacobi.orthogonalize(c, s, tol=tol)[:2]
+        c, s = _jacobi.qr_step(_apply_rows(step, p, h, c, transpose), s, tol=tol)
         return (c, s), jnp.sort(s)[::-1]
 
     del record  # every layer is converged anyway; kept for a future cheaper in-between step
@@ -172,7 +176,7 @@ def jacobian_spectra(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
 
-    flat = _flat_step(step, h0.shape)
+    flat = _flat_step(step, tuple(h0.shape))
     points = _states(flat, params, h0.reshape(-1))
     if method == "exact":
         logs = _exact(flat, params, points, wanted, depth, direction, tol)
@@ -184,7 +188,7 @@ def jacobian_spectra(
 
 def _exact(flat, params, points, wanted, depth, direction, tol):
     n = points.shape[1]
-    c, s = _jacobi.pad_even(jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype))
+    c, s = jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype)
     record = np.zeros(depth, bool)
     if direction == "forward":
         record[wanted - 1] = True
@@ -200,10 +204,10 @@ def _exact(flat, params, points, wanted, depth, direction, tol):
         logs_rev = jax.jit(_walk_products, static_argnums=(0, 6, 7))(
             flat, _reverse(params), points[::-1], c, s, record, True, tol
         )
-        identity = jnp.zeros(c.shape[0], points.dtype).at[n:].set(-jnp.inf)  # G_L = I
+        identity = jnp.zeros(n, points.dtype)  # G_L = I
         rows = [identity if l == depth else logs_rev[depth - int(l) - 1] for l in wanted]
         logs = jnp.stack(rows)
-    return logs[:, :n]
+    return logs
 
 
 def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
@@ -218,8 +222,7 @@ def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
         i = jnp.where(down, n_steps - 1 - t, t)
         p = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
         h = lax.dynamic_index_in_dim(points, i, keepdims=False)
-        c, s = _jacobi.renormalize(_apply_rows(flat, p, h, c, transpose != down), s)
-        return _jacobi.orthogonalize(c, s, tol=tol)[:2]
+        return _jacobi.qr_step(_apply_rows(flat, p, h, c, transpose != down), s, tol=tol)
 
     return lax.fori_loop(0, n_steps, body, (c, s))
 
@@ -228,10 +231,7 @@ def _topk(flat, params, points, wanted, depth, direction, k, oversample, refine,
     """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J."""
     n = points.shape[1]
     m = min(n, k + oversample)
-    m += m % 2  # the round-robin schedule pairs rows
-    m = min(m, n + (n % 2))
-    x0 = jnp.linalg.qr(jax.random.normal(key, (n, min(m, n)), points.dtype))[0].T
-    x0, _ = _jacobi.pad_even(x0, jnp.zeros(x0.shape[0], points.dtype))
+    x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), points.dtype))[0].T  # (m, n) orthonormal rows
     transpose = direction == "backward"
     if transpose:
         params, points = _reverse(params), points[::-1]
@@ -239,36 +239,25 @@ def _topk(flat, params, points, wanted, depth, direction, k, oversample, refine,
     @jax.jit
     def at_depth(n_steps):
         zeros = jnp.zeros(m, points.dtype)
-        c, s = _layers(flat, params, points, x0, zeros, n_steps, transpose, False, tol)
-
-        def refine_once(_, cs):
-            c, s = _jacobi.orthogonalize(*cs, tol=tol)[:2]
-            # Left singular directions U (rows of c) back down: J^T U, then orthonormalize to X.
-            u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
-            c, s = _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)
-            c, _ = _jacobi.orthogonalize(c, s, tol=tol)[:2]
-            return _layers(flat, params, points, c, zeros, n_steps, transpose, False, tol)
-
-        def top(s):
-            return jnp.sort(s)[::-1][:k]
+        up = lambda x: _layers(flat, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
+        down = lambda u: _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
+        top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
 
         def cond(state):
             _, _, change, it = state
             return (change > refine_tol) & (it < refine)
 
         def body(state):
+            # Subspace iteration on J^T J: left singular directions U (the rows, orthonormal, their
+            # dead rows zeroed) go down through J^T; the resulting right directions come back up.
             c, s, _, it = state
-            c2, s2 = refine_once(it, (c, s))
-            change = jnp.max(
-                jnp.abs(
-                    top(_jacobi.orthogonalize(c2, s2, tol=tol)[1])
-                    - top(_jacobi.orthogonalize(c, s, tol=tol)[1])
-                )
-            )
-            return c2, s2, change, it + 1
+            u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
+            x, _ = down(u)
+            c2, s2 = up(x)
+            return c2, s2, jnp.max(jnp.abs(top(s2) - top(s))), it + 1
 
-        c, s, _, _ = lax.while_loop(cond, body, (c, s, jnp.asarray(jnp.inf, points.dtype), 0))
-        c, s, _ = _jacobi.orthogonalize(c, s, tol=tol)
+        c, s = up(x0)
+        _, s, _, _ = lax.while_loop(cond, body, (c, s, jnp.asarray(jnp.inf, points.dtype), 0))
         return jnp.sort(s)[::-1]
 
     logs = []
@@ -300,7 +289,7 @@ def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None 
     k = n if k is None else k
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
-    flat = _flat_step(step, h0.shape)
+    flat = _flat_step(step, tuple(h0.shape))
 
     @jax.jit
     def run(params, h0):
