@@ -1,9 +1,11 @@
 """gradflow: a JAX toolkit for the science of vanishing and exploding gradients."""
 
 from gradflow import activations as activations
+from gradflow import check as check
 from gradflow import initializers as initializers
 from gradflow import nn as nn
 from gradflow import numerics as numerics
 from gradflow import optim as optim
+from gradflow import spectra as spectra
 
 __version__ = "0.1.0"

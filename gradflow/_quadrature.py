@@ -16,21 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow.numerics import x64
+
 # Standard-normal mass beyond |z| = 12 is 3.6e-33: negligible for any integrand that grows
 # at most exponentially.
 _Z_MAX = 12.0
 _FIXED_EDGES = (-_Z_MAX, -8.0, -5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0, 8.0, _Z_MAX)
 _NODES = 32
 _T, _W = np.polynomial.legendre.leggauss(_NODES)
-
-
-def x64():
-    """Context manager enabling float64 in jax (for theory computations and references)."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older jax
-
-    return enable_x64()
 
 
 def _panels(cuts_z: jax.Array) -> tuple[jax.Array, jax.Array]:

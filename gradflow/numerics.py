@@ -7,9 +7,20 @@ Scaling by the largest magnitude first keeps every representable norm representa
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+
+def x64() -> contextlib.AbstractContextManager:
+    """Context manager enabling float64 in jax (theory, references, small exact checks)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older jax
+
+    return enable_x64()
 
 
 def stable_norm(x: ArrayLike) -> jax.Array:

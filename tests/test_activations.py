@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gradflow import _quadrature, activations
+from gradflow.numerics import x64
 
 REQUIRED = [
     "identity", "linear", "sigmoid", "tanh", "hard_tanh", "relu", "leaky_relu", "elu", "selu",
@@ -72,7 +73,7 @@ def test_gelu_is_x_times_normal_cdf():
 
 def test_selu_constants_give_the_self_normalizing_fixed_point():
     # Quadrature: E[selu(z)] = 0 and E[selu(z)^2] = 1 for z ~ N(0, 1), to float64 precision.
-    with _quadrature.x64():
+    with x64():
         mean = float(_quadrature.gaussian_expectation(activations.selu, 1.0, (0.0,)))
         m2 = float(_quadrature.gaussian_expectation(lambda x: activations.selu(x) ** 2, 1.0, (0.0,)))
     assert abs(mean) < 1e-9 and abs(m2 - 1) < 1e-9

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from gradflow import initializers, spectra
-from gradflow._quadrature import x64
 from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
+from gradflow.numerics import x64
 
 
 def linear_step(a, h):
