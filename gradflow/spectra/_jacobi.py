@@ -16,32 +16,16 @@ the large one instead of underflowing. One-sided Jacobi on a matrix B D (B well 
 D diagonal) computes every singular value to high relative accuracy (Demmel & Veselic 1992),
 which plain bidiagonal SVD of the product does not.
 
-Pairs are visited in round-robin (tournament) order: each of the m - 1 rounds rotates m / 2
-disjoint pairs at once, vectorized.
+Pairs are visited in round-robin (circle-method) order with the rows kept as two halves, so
+each of the m - 1 rounds rotates the m / 2 disjoint pairs (top[k], bottom[k]) with slices and
+selects only (no gathers), and re-arranges the halves by a fixed slice-and-concatenate.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-
-
-@functools.lru_cache(maxsize=64)
-def round_robin(m: int) -> np.ndarray:
-    """Tournament schedule for m players (m even): array (m - 1, 2, m // 2) of (p, q) pairs."""
-    if m % 2:
-        raise ValueError(f"round_robin needs an even number of columns, got {m}")
-    players = list(range(m))
-    rounds = []
-    for _ in range(m - 1):
-        half = m // 2
-        rounds.append([players[:half], players[half:][::-1]])
-        players = [players[0], players[-1], *players[1:-1]]
-    return np.asarray(rounds, dtype=np.int32)
 
 
 def renormalize(c: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,21 +37,22 @@ def renormalize(c: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return c, s
 
 
-def _rotate(c: jax.Array, s: jax.Array, p: jax.Array, q: jax.Array, inv: jax.Array, acc: jax.Array):
-    """Rotate the disjoint row pairs (p_k, q_k) of one round so each pair becomes orthogonal.
+def _rotate_pairs(ct, cb, st, sb, at, ab):
+    """Rotate the pairs (top[k], bottom[k]) so each pair of rows becomes orthogonal.
 
-    Returns the new c (rows back in their original order via the permutation `inv`) and the
-    largest cosine between the pairs before rotation (the convergence measure).
+    The larger-scale row of each pair is i, the other j, r = exp(s_j - s_i) <= 1; selects, not
+    gathers, so a round is a handful of fused elementwise ops. The accumulator rows (at, ab)
+    receive the same full-scale rotation (cs, sn = cs * t), unscaled. Returns the new halves
+    and the largest cosine between the pairs before rotation (the convergence measure).
     """
-    swap = s[q] > s[p]
-    i = jnp.where(swap, q, p)  # i: the larger-scale row of each pair
-    j = jnp.where(swap, p, q)
-    ci, cj = c[i], c[j]  # (m/2, n)
+    swap = (sb > st)[:, None]
+    ci, cj = jnp.where(swap, cb, ct), jnp.where(swap, ct, cb)
+    si, sj = jnp.where(swap[:, 0], sb, st), jnp.where(swap[:, 0], st, sb)
     a = jnp.sum(ci * ci, axis=1)
     b = jnp.sum(cj * cj, axis=1)
     g = jnp.sum(ci * cj, axis=1)
-    finite = jnp.isfinite(s[j]) & jnp.isfinite(s[i])
-    r = jnp.where(finite, jnp.exp(jnp.minimum(s[j] - s[i], 0.0)), 0.0)
+    finite = jnp.isfinite(si) & jnp.isfinite(sj)
+    r = jnp.where(finite, jnp.exp(jnp.minimum(sj - si, 0.0)), 0.0)
     # zeta = (r^2 b - a) / (2 r g); t = r * tau with tau finite as r -> 0.
     z = r * r * b - a
     sgn = jnp.where(z >= 0, 1.0, -1.0) * jnp.where(g >= 0, 1.0, -1.0)
@@ -78,15 +63,28 @@ def _rotate(c: jax.Array, s: jax.Array, p: jax.Array, q: jax.Array, inv: jax.Arr
     new_i = cs[:, None] * (ci - (r * t)[:, None] * cj)  # scale s_i
     new_j = cs[:, None] * (tau[:, None] * ci + cj)  # scale s_j
     cos = jnp.where(b > 0, jnp.abs(g) / jnp.sqrt(jnp.where(a * b > 0, a * b, 1.0)), 0.0)
-    new_p = jnp.where(swap[:, None], new_j, new_i)
-    new_q = jnp.where(swap[:, None], new_i, new_j)
-    # The accumulator's rows rotate by the same full-scale rotation (cs, sn = cs * t), unscaled.
-    ai, aj = acc[i], acc[j]
+    ai, aj = jnp.where(swap, ab, at), jnp.where(swap, at, ab)
     sn = (cs * t)[:, None]
     acc_i, acc_j = cs[:, None] * ai - sn * aj, sn * ai + cs[:, None] * aj
-    acc_p = jnp.where(swap[:, None], acc_j, acc_i)
-    acc_q = jnp.where(swap[:, None], acc_i, acc_j)
-    return jnp.concatenate([new_p, new_q])[inv], jnp.concatenate([acc_p, acc_q])[inv], jnp.max(cos)
+    return (
+        jnp.where(swap, new_j, new_i),
+        jnp.where(swap, new_i, new_j),
+        jnp.where(swap, acc_j, acc_i),
+        jnp.where(swap, acc_i, acc_j),
+        jnp.max(cos),
+    )
+
+
+def _next_arrangement(top: jax.Array, bottom: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Circle-method step: top = [x0, y0, x1 .. x_{h-2}], bottom = [y1 .. y_{h-1}, x_{h-1}].
+
+    Pairs (top[k], bottom[k]) over m - 1 steps meet every pair once, and the arrangement
+    returns to where it started.
+    """
+    return (
+        jnp.concatenate([top[:1], bottom[:1], top[1:-1]]),
+        jnp.concatenate([bottom[1:], top[-1:]]),
+    )
 
 
 def sweep(c: jax.Array, s: jax.Array, acc: jax.Array | None = None):
@@ -103,16 +101,19 @@ def sweep(c: jax.Array, s: jax.Array, acc: jax.Array | None = None):
         s = jnp.concatenate([s, jnp.full((1,), -jnp.inf, s.dtype)])
         acc = jnp.concatenate([acc, jnp.zeros((1, acc.shape[1]), acc.dtype)])
     m = c.shape[0]
-    sched = round_robin(m)
-    table = jnp.asarray(sched)
-    inv_table = jnp.asarray(np.stack([np.argsort(np.concatenate(r)) for r in sched]).astype(np.int32))
+    h = m // 2
 
-    def body(carry, k):
-        c, acc, off = carry
-        c, acc, cos = _rotate(c, s, table[k, 0], table[k, 1], inv_table[k], acc)
-        return (c, acc, jnp.maximum(off, cos)), None
+    def body(carry, _):
+        ct, cb, st, sb, at, ab, off = carry
+        ct, cb, at, ab, cos = _rotate_pairs(ct, cb, st, sb, at, ab)
+        ct, cb = _next_arrangement(ct, cb)
+        st, sb = _next_arrangement(st, sb)
+        at, ab = _next_arrangement(at, ab)
+        return (ct, cb, st, sb, at, ab, jnp.maximum(off, cos)), None
 
-    (c, acc, off), _ = lax.scan(body, (c, acc, jnp.zeros((), c.dtype)), jnp.arange(m - 1))
+    carry = (c[:h], c[h:], s[:h], s[h:], acc[:h], acc[h:], jnp.zeros((), c.dtype))
+    (ct, cb, _, _, at, ab, off), _ = lax.scan(body, carry, None, length=m - 1)
+    c, acc = jnp.concatenate([ct, cb]), jnp.concatenate([at, ab])  # arrangement is back home
     c, s = renormalize(c[:m0], s[:m0])
     return c, s, off, (acc[:m0] if track else None)
 
