@@ -7,5 +7,6 @@ from gradflow import nn as nn
 from gradflow import numerics as numerics
 from gradflow import optim as optim
 from gradflow import spectra as spectra
+from gradflow import theory as theory
 
 __version__ = "0.1.0"

@@ -129,6 +129,33 @@ def gain(activation: str | Callable, **params) -> float:
     return 1.0 / math.sqrt(m2)
 
 
+def critical(activation: str | Callable, sigma_b: float = 0.0) -> Initializer:
+    """Gaussian weights at the order-to-chaos transition (chi_1 = 1) for `activation`.
+
+    Kernel N(0, sigma_w*^2 / fan_in) with sigma_w* = `gradflow.theory.critical_sigma_w`
+    (activation, sigma_b), the edge of chaos of Poole et al. 2016 / Schoenholz et al. 2017,
+    computed in float64. The returned initializer carries the matching pieces as attributes:
+    `.sigma_w` (sigma_w*), `.sigma_b`, and `.bias_init` (= `bias(sigma_b)`), e.g.
+    `nn.Dense(w, kernel_init=init, bias_init=init.bias_init)`.
+
+    For relu, leaky relu and identity at sigma_b = 0 it coincides with `gain(activation)`.
+
+    Raises:
+      ValueError: unknown activation, negative sigma_b, or no critical point in
+        sigma_w in [1e-3, 1e3] (e.g. an activation whose chi_1 never reaches 1).
+    """
+    from gradflow import theory  # lazy: theory is heavier and imports the activations registry
+
+    if sigma_b < 0 or not math.isfinite(sigma_b):
+        raise ValueError(f"critical: sigma_b must be >= 0 and finite, got {sigma_b}")
+    sigma_w = _quadrature.precise(theory.critical_sigma_w, activation, sigma_b)
+    if not math.isfinite(sigma_w):
+        raise ValueError(f"critical: {activation!r} has no critical sigma_w at sigma_b={sigma_b}")
+    init = variance_scaling(sigma_w**2, "fan_in", "normal", "critical")
+    init.sigma_w, init.sigma_b, init.bias_init = sigma_w, sigma_b, bias(sigma_b)
+    return init
+
+
 _NAMED: dict[str, Callable[..., Initializer]] = {
     "glorot_uniform": glorot_uniform,
     "glorot_normal": glorot_normal,
@@ -139,6 +166,7 @@ _NAMED: dict[str, Callable[..., Initializer]] = {
     "orthogonal": orthogonal,
     "delta_orthogonal": delta_orthogonal,
     "gaussian": gaussian,
+    "critical": critical,
 }
 _ALIASES = {
     "xavier_uniform": "glorot_uniform",
