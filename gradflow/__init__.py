@@ -2,7 +2,9 @@
 
 from gradflow import activations as activations
 from gradflow import check as check
+from gradflow import data as data
 from gradflow import initializers as initializers
+from gradflow import lsuv as lsuv
 from gradflow import nn as nn
 from gradflow import numerics as numerics
 from gradflow import optim as optim
