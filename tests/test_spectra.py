@@ -316,3 +316,19 @@ def test_float64_engine_resolves_what_float32_cannot():
     ok = _reliable(ref) & np.isfinite(ref)
     assert (ref[ok] < ref[:, :1].repeat(ref.shape[1], 1)[ok] - 12).any()  # tiny values really checked
     np.testing.assert_allclose(res.log_singular_values[ok], ref[ok], atol=1e-6)
+
+
+def test_pure_core_vmaps_over_seeds_and_matches_the_api():
+    depth, n = 6, 8
+    ws = jax.vmap(lambda k: _gaussian_factors(k, depth, n, 1.2))(jax.random.split(jax.random.key(17), 3))
+    step = lambda w, h: jnp.tanh(w @ h)
+    h0 = jax.random.normal(jax.random.key(18), (n,))
+    batched = jax.jit(jax.vmap(lambda w: spectra.log_singular_values(step, w, h0)))(ws)
+    assert batched.shape == (3, depth, n)
+    for i in range(3):
+        one = spectra.jacobian_spectra(step, ws[i], h0)
+        np.testing.assert_allclose(batched[i], one.log_singular_values, atol=1e-5)
+    back = spectra.log_singular_values(step, ws[0], h0, direction="backward")
+    np.testing.assert_allclose(back[-1], 0.0)  # G_L = I
+    api = spectra.jacobian_spectra(step, ws[0], h0, direction="backward")
+    np.testing.assert_allclose(back, api.log_singular_values, atol=1e-5)

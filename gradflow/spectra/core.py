@@ -96,16 +96,10 @@ def _apply_rows(step: Step, p: Any, h: jax.Array, c: jax.Array, transpose: bool)
 
 
 def _walk_products(
-    step: Step,
-    params: Any,
-    points: jax.Array,
-    c: jax.Array,
-    s: jax.Array,
-    record: np.ndarray,
-    transpose: bool,
-    tol: float | None,
+    step: Step, params: Any, points: jax.Array, transpose: bool, tol: float | None
 ) -> jax.Array:
-    """Scan layers in the given order; converge and record sorted log-scales where record[l]."""
+    """Every layer's sorted log singular values of the running product, shape (L, N)."""
+    n = points.shape[1]
 
     def body(carry, xs):
         c, s = carry
@@ -115,13 +109,40 @@ def _walk_products(
         c, s = _jacobi.qr_step(_apply_rows(step, p, h, c, transpose), s, tol=tol)
         return (c, s), jnp.sort(s)[::-1]
 
-    del record  # every layer is converged anyway; kept for a future cheaper in-between step
-    (_, _), logs = lax.scan(body, (c, s), (params, points))
+    start = (jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype))
+    _, logs = lax.scan(body, start, (params, points))
     return logs
 
 
 def _reverse(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: a[::-1], tree)
+
+
+def _truncate(tree: Any, length: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[:length], tree)
+
+
+def log_singular_values(
+    step: Step, params: Any, h0: jax.Array, *, direction: str = "forward", tol: float | None = None
+) -> jax.Array:
+    """The pure core of `jacobian_spectra(method="exact")`, for use under `jit` and `vmap`.
+
+    Returns (L, N) log singular values, sorted descending: row l - 1 is J_l (forward) or G_l
+    (backward; the last row is G_L = I). No argument checks: use `jacobian_spectra` at API
+    boundaries and this under `jax.vmap` over inputs, seeds or configurations.
+    """
+    flat = _flat_step(step, tuple(h0.shape))
+    points = _states(flat, params, h0.reshape(-1))
+    if direction == "forward":
+        return _walk_products(flat, params, points, False, tol)
+    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ...; after the step through A_m^T the
+    # product is G_{m-1}^T, so the reversed rows are G_{L-1}, ..., G_0; G_L = I closes the list.
+    logs_rev = _walk_products(flat, _reverse(params), points[::-1], True, tol)
+    identity = jnp.zeros((1, points.shape[1]), points.dtype)
+    return jnp.concatenate([logs_rev[:-1][::-1], identity])
+
+
+_log_singular_values = jax.jit(log_singular_values, static_argnames=("step", "direction", "tol"))
 
 
 def jacobian_spectra(
@@ -176,38 +197,16 @@ def jacobian_spectra(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
 
-    flat = _flat_step(step, tuple(h0.shape))
-    points = _states(flat, params, h0.reshape(-1))
     if method == "exact":
-        logs = _exact(flat, params, points, wanted, depth, direction, tol)
+        if direction == "forward":  # layers past the deepest requested one are never needed
+            params = _truncate(params, int(wanted.max()))
+        logs = _log_singular_values(step, params, h0, direction=direction, tol=tol)[wanted - 1]
     else:
+        flat = _flat_step(step, tuple(h0.shape))
+        points = _states(flat, params, h0.reshape(-1))
         key = jax.random.key(0) if key is None else key
         logs = _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol)
     return SpectraResult(depths=wanted, log_singular_values=np.asarray(logs)[:, :k], direction=direction)
-
-
-def _exact(flat, params, points, wanted, depth, direction, tol):
-    n = points.shape[1]
-    c, s = jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype)
-    record = np.zeros(depth, bool)
-    if direction == "forward":
-        record[wanted - 1] = True
-        logs = jax.jit(_walk_products, static_argnums=(0, 6, 7))(
-            flat, params, points, c, s, record, False, tol
-        )
-        logs = logs[wanted - 1]
-    else:
-        # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ...; after the step through A_m^T the
-        # product is G_{m-1}^T. G_L = I is recorded directly.
-        ts = [depth - int(l) - 1 for l in wanted if l < depth]
-        record[ts] = True
-        logs_rev = jax.jit(_walk_products, static_argnums=(0, 6, 7))(
-            flat, _reverse(params), points[::-1], c, s, record, True, tol
-        )
-        identity = jnp.zeros(n, points.dtype)  # G_L = I
-        rows = [identity if l == depth else logs_rev[depth - int(l) - 1] for l in wanted]
-        logs = jnp.stack(rows)
-    return logs
 
 
 def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
