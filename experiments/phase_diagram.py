@@ -39,12 +39,16 @@ def _plot(sw, sb, chi1, xi_c, line, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = (
-        (np.log(chi1), "log chi_1", "RdBu_r"),
-        (np.log10(xi_c), "log10 xi_c (correlation depth)", "viridis"),
+    log_chi = np.log(chi1)
+    centred = matplotlib.colors.TwoSlopeNorm(
+        vcenter=0.0, vmin=min(log_chi.min(), -1e-3), vmax=max(log_chi.max(), 1e-3)
     )
-    for ax, (z, name, cmap) in zip(axes, panels):
-        im = ax.pcolormesh(sw, sb, z.T, shading="auto", cmap=cmap)
+    panels = (
+        (log_chi, "log chi_1 (blue: ordered, red: chaotic)", "RdBu_r", centred),
+        (np.log10(xi_c), "log10 xi_c (correlation depth)", "viridis", None),
+    )
+    for ax, (z, name, cmap, norm) in zip(axes, panels):
+        im = ax.pcolormesh(sw, sb, z.T, shading="auto", cmap=cmap, norm=norm)
         ax.plot(line, sb, "k-", lw=2, label="critical line chi_1 = 1")
         ax.set(xlabel="sigma_w", ylabel="sigma_b", title=f"tanh: {name}")
         ax.legend(loc="upper left", fontsize=8)
