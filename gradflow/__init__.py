@@ -10,5 +10,6 @@ from gradflow import numerics as numerics
 from gradflow import optim as optim
 from gradflow import spectra as spectra
 from gradflow import theory as theory
+from gradflow import train as train
 
 __version__ = "0.1.0"

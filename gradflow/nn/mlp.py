@@ -67,6 +67,13 @@ class Block(nn.Module):
     maxout_pieces: int = 2
 
     def _phi(self, z: jax.Array) -> jax.Array:
+        # The activation's input z (after normalization) is the block's pre-activation seen by
+        # gradflow.train.diagnostics: `perturb` exposes dL/dz when a "perturbations" collection
+        # is passed to `apply` (a no-op otherwise; skipped at init so `init` never creates it) and
+        # `sow` records z when "intermediates" is mutable.
+        if not self.is_initializing():
+            z = self.perturb("preact", z)
+        self.sow("intermediates", "preact", z)
         if self.activation == "prelu":
             return PReLU(name="prelu")(z)
         if self.activation == "rrelu":
@@ -191,7 +198,7 @@ class MLPStack(nn.Module):
         h = nn.Dense(self.width, kernel_init=self.input_init, name="embed")(x)
         blocks = nn.scan(
             Block,
-            variable_axes={"params": 0, "batch_stats": 0},
+            variable_axes={"params": 0, "batch_stats": 0, "perturbations": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             length=self.depth,
             unroll=self.unroll,

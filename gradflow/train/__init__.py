@@ -1,0 +1,27 @@
+"""Training: state, pure step with in-jit diagnostics, run loop with records and resume, sweeps."""
+
+from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
+from gradflow.train.diagnostics import layer_names as layer_names
+from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
+from gradflow.train.run import Result as Result
+from gradflow.train.run import train as train
+from gradflow.train.state import TrainConfig as TrainConfig
+from gradflow.train.state import TrainState as TrainState
+from gradflow.train.state import init_state as init_state
+from gradflow.train.state import run_keys as run_keys
+from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
+from gradflow.train.step import epoch_batches as epoch_batches
+from gradflow.train.step import evaluate as evaluate
+from gradflow.train.step import make_train_epoch as make_train_epoch
+from gradflow.train.step import make_train_step as make_train_step
+from gradflow.train.step import summarize_epoch as summarize_epoch
+from gradflow.train.step import task_loss as task_loss
+from gradflow.train.sweep import Hparams as Hparams
+from gradflow.train.sweep import SweepPoint as SweepPoint
+from gradflow.train.sweep import SweepResult as SweepResult
+from gradflow.train.sweep import grid as grid
+from gradflow.train.sweep import make_run as make_run
+from gradflow.train.sweep import scale_kernels as scale_kernels
+from gradflow.train.sweep import sweep as sweep
+from gradflow.train.sweep import sweep_optimizer as sweep_optimizer
+from gradflow.train.sweep import sweep_points as sweep_points

@@ -1,0 +1,316 @@
+"""The run loop: epochs of the jitted scan, records on disk as they happen, exact resume.
+
+`train(model, cfg, data, run_dir=...)` writes under `run_dir`:
+
+- `config.json`: the `TrainConfig` and the model's fields (written once; a resumed run must
+  have the same ones, else ValueError);
+- `metrics.jsonl`: one JSON line per epoch (append-only, flushed and fsync'ed at once): the
+  epoch summary (`gradflow.train.step.summarize_epoch`: loss, accuracy, per-layer diagnostics
+  as lists, skipped steps, the first non-finite step and its layer), the test metrics and the
+  wall time;
+- `checkpoints/<epoch>/`: an orbax checkpoint of the `TrainState` (plus the stop flag) at the
+  end of each epoch, the last two kept; written after the epoch's metrics line.
+
+Resume: with `resume=True` (default) and a checkpoint in `run_dir`, the run restores the
+latest one, drops the metrics lines of later epochs (an epoch whose checkpoint never landed is
+redone) and goes on. Batches are a pure function of (seed, epoch) (`epoch_batches`) and
+dropout keys of (seed, step), so the resumed run computes exactly what the uninterrupted run
+computes: same final parameters, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gradflow.optim import make_optimizer
+from gradflow.train.diagnostics import NONFINITE_KINDS, layer_names
+from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
+
+Data = tuple[Any, Any, Any, Any]
+
+
+@dataclasses.dataclass
+class Result:
+    """What `train` returns.
+
+    Attributes:
+      state: the final `TrainState` (the last finite one if the run stopped on a NaN/Inf).
+      history: one record per epoch, the dicts written to metrics.jsonl.
+      test: final evaluation on the test set ({} without test data).
+      stopped: the run ended early on a non-finite step (`on_nonfinite="stop"`).
+      nonfinite: the first non-finite step, {"epoch", "step", "layer", "layer_name", "kind"},
+        or None.
+      layer_names: the layer order used to report non-finite values (diagnostics module).
+      run_dir: where the records are, or None.
+    """
+
+    state: TrainState
+    history: list[dict]
+    test: dict[str, float]
+    stopped: bool
+    nonfinite: dict | None
+    layer_names: list[str]
+    run_dir: Path | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Steps whose update was not applied (non-finite), over the whole run."""
+        return sum(r["skipped"] for r in self.history)
+
+
+def _jsonable(v: Any) -> Any:
+    a = np.asarray(v)
+    if a.ndim == 0:
+        return a.item()
+    return a.tolist()
+
+
+def _model_dict(model: nn.Module) -> dict:
+    skip = {"parent", "name"}
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
+    plain = lambda v: v if isinstance(v, str | int | float | bool) or v is None else repr(v)  # noqa: E731
+    out = {k: re.sub(r" at 0x[0-9a-fA-F]+", "", str(plain(v))) for k, v in fields.items()}
+    return {"type": type(model).__name__, **out}
+
+
+class _Store:
+    """config.json, metrics.jsonl and orbax checkpoints of one run directory."""
+
+    def __init__(self, run_dir: Path, config: dict, resume: bool):
+        self.dir = run_dir
+        self.metrics = run_dir / "metrics.jsonl"
+        ckpt_dir = run_dir / "checkpoints"
+        config_path = run_dir / "config.json"
+        if not resume:
+            for p in (ckpt_dir, self.metrics, config_path):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config_path.exists():
+            old = json.loads(config_path.read_text())
+            if old != config:
+                raise ValueError(
+                    f"run_dir {str(run_dir)!r} holds a run with another config; use a new run_dir "
+                    f"or resume=False to overwrite.\nstored: {old}\nnew:    {config}"
+                )
+        else:
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(ckpt_dir.absolute(), options=options)
+
+    @staticmethod
+    def _tree(state: TrainState, done: Any) -> dict:
+        state = state._replace(key=jax.random.key_data(state.key))
+        leaves = jax.tree_util.tree_leaves(state)
+        return {"leaves": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, "done": jnp.asarray(done)}
+
+    def save(self, epoch: int, state: TrainState, done: bool) -> None:
+        self.manager.save(epoch, args=ocp.args.StandardSave(self._tree(state, done)))
+        self.manager.wait_until_finished()
+
+    def restore(self, template: TrainState) -> tuple[TrainState, bool, int, list[dict]] | None:
+        epoch = self.manager.latest_step()
+        if epoch is None:
+            return None
+        target = self._tree(template, False)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+        restored = self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        raw = template._replace(key=jax.random.key_data(template.key))
+        treedef = jax.tree_util.tree_structure(raw)
+        leaves = [restored["leaves"][k] for k in sorted(restored["leaves"])]
+        state = jax.tree_util.tree_unflatten(treedef, leaves)
+        state = state._replace(
+            key=jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(template.key))
+        )
+        history = []
+        if self.metrics.exists():
+            lines = [json.loads(s) for s in self.metrics.read_text().splitlines() if s.strip()]
+            history = [r for r in lines if r["epoch"] <= epoch]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+        return state, bool(restored["done"]), int(epoch), history
+
+    def append(self, record: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _record(epoch: int, summary: dict, test: dict, names: list[str], seconds: float) -> dict:
+    rec: dict[str, Any] = {"epoch": epoch}
+    rec.update({k: _jsonable(v) for k, v in summary.items()})
+    layer = rec["nonfinite_layer"]
+    rec["nonfinite_layer_name"] = names[layer] if layer >= 0 else None
+    rec["nonfinite_kind"] = NONFINITE_KINDS[rec["nonfinite_kind"]]
+    rec.update({f"test_{k}": _jsonable(v) for k, v in test.items()})
+    rec["seconds"] = seconds
+    return rec
+
+
+def _health(rec: dict) -> str:
+    g = rec.get("grad_norm")
+    if not g or not math.isfinite(g[0]) or not math.isfinite(g[-1]) or g[-1] == 0:
+        return ""
+    return f" | grad first/last {g[0] / g[-1]:.2e}"
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("epoch"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total, completed=start)
+
+    def update(self, rec: dict) -> None:
+        if self.bar is not None:
+            text = f"loss {rec['loss']:.4g}{_health(rec)}"
+            if rec["skipped"]:
+                text += f" | skipped {rec['skipped']}"
+            self.bar.update(self.task, advance=1, description=text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+_summarize = jax.jit(summarize_epoch)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _run_epoch(state: TrainState, batches: Any, done: Any, *, model: nn.Module, cfg: TrainConfig):
+    # Cached on (model, cfg): runs that differ only in seed or epochs share one compiled epoch.
+    return make_train_epoch(model, make_optimizer(cfg.optim), cfg)(state, batches, done)
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    data: Data,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> Result:
+    """Train `model` for `cfg.epochs` epochs (one jitted `lax.scan` per epoch).
+
+    Args:
+      model: a linen module, `model.apply(variables, x, train=...)`.
+      cfg: the training config (optimizer in `cfg.optim`).
+      data: (x_train (N, ...), y_train (N, ...), x_test, y_test), numpy or jax arrays; the test
+        pair may be (None, None).
+      run_dir: where to write config.json, metrics.jsonl and checkpoints; None writes nothing.
+      resume: continue from the latest checkpoint in `run_dir` if there is one; False starts
+        over, deleting the previous records.
+      progress: rich progress bar (loss, first/last-layer gradient-norm ratio); None shows it
+        only when stdout is a terminal.
+      callback: called as callback(epoch, record) after each epoch's record and checkpoint are
+        on disk (e.g. to stop a run from outside).
+
+    Returns:
+      A `Result`.
+    """
+    x_train, y_train, x_test, y_test = data
+    x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
+    if x_train.shape[0] < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
+    tx = make_optimizer(cfg.optim)
+    init_key, data_key = run_keys(cfg.seed)
+    state = init_state(model, tx, init_key, x_train[: cfg.batch_size])
+    names = layer_names(state.params)
+    epoch_fn = functools.partial(_run_epoch, model=model, cfg=dataclasses.replace(cfg, seed=0, epochs=1))
+    has_test = x_test is not None
+    x_test = jnp.asarray(x_test) if has_test else None
+    y_test = jnp.asarray(y_test) if has_test else None
+
+    history: list[dict] = []
+    start, done = 0, False
+    store = None
+    if run_dir is not None:
+        config = {"train": cfg.to_dict(), "model": _model_dict(model)}
+        store = _Store(Path(run_dir), config, resume)
+        restored = store.restore(state) if resume else None
+        if restored is not None:
+            state, done, last, history = restored
+            start = last + 1
+    if progress is None:
+        progress = sys.stdout.isatty()
+    bar = _Progress(progress, cfg.epochs, start)
+    try:
+        for epoch in range(start, cfg.epochs):
+            if done:
+                break
+            t0 = time.perf_counter()
+            batches = epoch_batches(x_train, y_train, data_key, epoch, cfg.batch_size)
+            state, metrics = epoch_fn(state, batches, done)
+            summary = jax.device_get(_summarize(metrics))
+            done = bool(summary["done"])
+            test = jax.device_get(evaluate(model, state, x_test, y_test, cfg)) if has_test else {}
+            rec = _record(epoch, summary, test, names, time.perf_counter() - t0)
+            history.append(rec)
+            if store is not None:
+                store.append(rec)
+                store.save(epoch, state, done)
+            bar.update(rec)
+            if callback is not None:
+                callback(epoch, rec)
+    finally:
+        bar.close()
+        if store is not None:
+            store.close()
+
+    nonfinite = None
+    for rec in history:
+        if rec["nonfinite_step"] >= 0:
+            nonfinite = {
+                "epoch": rec["epoch"],
+                "step": rec["nonfinite_step"],
+                "layer": rec["nonfinite_layer"],
+                "layer_name": rec["nonfinite_layer_name"],
+                "kind": rec["nonfinite_kind"],
+            }
+            break
+    test = {}
+    if has_test:
+        test = {k: float(v) for k, v in jax.device_get(evaluate(model, state, x_test, y_test, cfg)).items()}
+    return Result(
+        state=state,
+        history=history,
+        test=test,
+        stopped=done,
+        nonfinite=nonfinite,
+        layer_names=names,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+    )

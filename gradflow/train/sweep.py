@@ -1,0 +1,316 @@
+"""Many training runs in one compiled call: `jit(vmap(run))` over seeds and hyperparameters.
+
+A run is a pure function `run(hparams, data) -> (state, per-epoch metrics)` (purejaxrl style):
+initialization, an outer `lax.scan` over epochs whose body is the epoch `lax.scan` of
+`make_train_epoch`, per-epoch summaries and test metrics. What can vary inside one vmapped
+call (`Hparams`, one value per run) is numeric:
+
+- seed: initialization, shuffling and dropout (`run_keys(seed)`, as `train` uses);
+- lr: the peak learning rate, passed as `make_optimizer(cfg.optim, lr=lr)` (closure, not state);
+- weight_scale: multiplies every kernel of the blocks after initialization, so a model whose
+  `kernel_init` has variance sigma_w^2 / fan_in runs at (weight_scale * sigma_w)^2 / fan_in;
+- clip_value: the threshold of `cfg.optim.clip` ("value", "global_norm", "adaptive"), applied
+  first in the chain exactly as `make_optimizer` does (ignored when `cfg.optim.clip` is None).
+
+What changes the program (activation, depth, width, optimizer kind, task, epochs, batch size)
+cannot be vmapped: `sweep_points` groups the points by structure (model equality and the
+config with seed, lr and clip_value blanked) and runs one vmapped call per group.
+
+Devices. With more than one device (`jax.devices()`), the sweep axis is sharded over a 1-D
+`Mesh(devices, ("sweep",))` with `NamedSharding(mesh, P("sweep"))`, the data replicated, and
+the number of runs padded to a multiple of the device count (the padding repeats the last run
+and is dropped from the results). Inputs are built with `jax.make_array_from_callback`, which
+on several hosts lets each process supply the shards it holds; outputs come back through
+`multihost_utils.process_allgather`. So the same call runs multi-host: start every process with
+`jax.distributed.initialize()` (coordinator address, process count and id, or the cluster's
+auto-detection) before anything else touches jax, then call `sweep` with the same arguments on
+every process; `jax.devices()` is then the global device list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from gradflow.optim import OptimConfig, make_optimizer
+from gradflow.train.diagnostics import is_stack, layer_names
+from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
+
+Data = tuple[Any, Any, Any, Any]
+
+
+class Hparams(NamedTuple):
+    """Per-run numeric hyperparameters; in a sweep each field has shape (S,).
+
+    Attributes:
+      seed: int32 seeds.
+      lr: float32 peak learning rates.
+      weight_scale: float32 multipliers of the blocks' kernels at init.
+      clip_value: float32 clipping thresholds (used when `cfg.optim.clip` is set).
+    """
+
+    seed: Any
+    lr: Any
+    weight_scale: Any
+    clip_value: Any
+
+
+def grid(
+    cfg: TrainConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    lr: Sequence[float] | None = None,
+    weight_scale: Sequence[float] | None = None,
+    clip_value: Sequence[float] | None = None,
+) -> Hparams:
+    """The Cartesian product of the given values (defaults: the config's own), seeds varying fastest.
+
+    Returns:
+      `Hparams` of numpy arrays of shape (S,), S the product of the lengths.
+    """
+    axes = [
+        list(lr if lr is not None else [cfg.optim.lr]),
+        list(weight_scale if weight_scale is not None else [1.0]),
+        list(clip_value if clip_value is not None else [cfg.optim.clip_value]),
+        list(seeds if seeds is not None else [cfg.seed]),
+    ]
+    rows = list(itertools.product(*axes))
+    col = lambda i, dt: np.asarray([r[i] for r in rows], dt)  # noqa: E731
+    return Hparams(
+        seed=col(3, np.int32),
+        lr=col(0, np.float32),
+        weight_scale=col(1, np.float32),
+        clip_value=col(2, np.float32),
+    )
+
+
+def scale_kernels(params: Any, scale: ArrayLike) -> Any:
+    """Multiply the kernels of the blocks (of a stack; else all kernels) by `scale`."""
+
+    def scaled(tree):
+        return {
+            k: scaled(v) if isinstance(v, Mapping) else (v * scale if k == "kernel" else v)
+            for k, v in tree.items()
+        }
+
+    params = dict(params)
+    if is_stack(params):
+        return {**params, "blocks": scaled(dict(params["blocks"]))}
+    return scaled(params)
+
+
+def _clip(kind: str, value: ArrayLike) -> optax.GradientTransformation:
+    if kind == "value":
+        return optax.clip(value)
+    if kind == "global_norm":
+        return optax.clip_by_global_norm(value)
+    return optax.adaptive_grad_clip(value)
+
+
+def sweep_optimizer(optim: OptimConfig, lr: ArrayLike, clip_value: ArrayLike) -> optax.GradientTransformation:
+    """`make_optimizer(optim, lr=lr)` with the clipping threshold taken from `clip_value` (a tracer)."""
+    if optim.clip is None:
+        return make_optimizer(optim, lr=lr)
+    inner = make_optimizer(dataclasses.replace(optim, clip=None), lr=lr)
+    return optax.chain(_clip(optim.clip, clip_value), inner)
+
+
+def make_run(model: nn.Module, cfg: TrainConfig) -> Callable[[Hparams, Data], tuple[TrainState, dict]]:
+    """The whole training run as a pure function (vmap it over `Hparams`).
+
+    Args:
+      model: the linen module (fixed structure).
+      cfg: the training config; seed, optim.lr and optim.clip_value come from the hparams.
+
+    Returns:
+      `run(hparams, (x_train, y_train, x_test, y_test)) -> (state, epochs)` with scalar hparams;
+      `epochs` holds `summarize_epoch`'s entries with a leading axis cfg.epochs, plus
+      test_loss / test_accuracy when test data are given (not None).
+    """
+
+    def run(hp: Hparams, data: Data) -> tuple[TrainState, dict]:
+        x, y, x_test, y_test = data
+        init_key, data_key = run_keys(hp.seed)
+        tx = sweep_optimizer(cfg.optim, hp.lr, hp.clip_value)
+        state = init_state(model, tx, init_key, x[: cfg.batch_size])
+        params = scale_kernels(state.params, hp.weight_scale)
+        state = state._replace(params=params, opt_state=tx.init(params))
+        epoch_fn = make_train_epoch(model, tx, cfg)
+
+        def body(carry, epoch):
+            state, done = carry
+            state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
+            summary = summarize_epoch(metrics)
+            if x_test is not None:
+                test = evaluate(model, state, x_test, y_test, cfg)
+                summary.update({f"test_{k}": v for k, v in test.items()})
+            return (state, summary["done"]), summary
+
+        (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
+        return state, epochs
+
+    return run
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Results of `sweep`, run axis first.
+
+    Attributes:
+      hparams: the `Hparams` run, each (S,).
+      params: final parameters, every leaf with a leading axis S.
+      batch_stats: final BatchNorm statistics ({} without BatchNorm), leading axis S.
+      epochs: per-epoch summaries, each (S, epochs, ...) (see `make_run`).
+      layer_names: the layer order of `nonfinite_layer`.
+      num_devices: devices the sweep axis was sharded over (1: unsharded).
+    """
+
+    hparams: Hparams
+    params: Any
+    batch_stats: Any
+    epochs: dict[str, np.ndarray]
+    layer_names: list[str]
+    num_devices: int
+
+    def point(self, i: int) -> dict:
+        """Run i's hparams, params, batch_stats and epochs (leading axis removed)."""
+        take = lambda t: jax.tree.map(lambda a: a[i], t)  # noqa: E731
+        return {
+            "hparams": take(self.hparams),
+            "params": take(self.params),
+            "batch_stats": take(self.batch_stats),
+            "epochs": take(self.epochs),
+        }
+
+
+def _global_array(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host copy held identically by every process."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def _to_host(tree: Any) -> Any:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def sweep(
+    model: nn.Module, cfg: TrainConfig, data: Data, hparams: Hparams, *, shard: bool | None = None
+) -> SweepResult:
+    """Train S runs of one structure in one `jit(vmap(run))` call.
+
+    Args:
+      model: the linen module.
+      cfg: the training config (seed, optim.lr, optim.clip_value are taken from `hparams`).
+      data: (x_train (N, ...), y_train, x_test, y_test); the test pair may be (None, None).
+      hparams: `Hparams` of arrays of shape (S,) (see `grid`).
+      shard: shard the run axis over `jax.devices()`; None shards when there are several.
+
+    Returns:
+      A `SweepResult`.
+    """
+    hp = Hparams(
+        seed=np.asarray(hparams.seed, np.int32),
+        lr=np.asarray(hparams.lr, np.float32),
+        weight_scale=np.asarray(hparams.weight_scale, np.float32),
+        clip_value=np.asarray(hparams.clip_value, np.float32),
+    )
+    S = hp.seed.shape[0]
+    if any(np.shape(a) != (S,) for a in hp):
+        raise ValueError(f"hparams fields must all have shape (S,), got {[np.shape(a) for a in hp]}")
+    x, y, x_test, y_test = (None if a is None else np.asarray(a) for a in data)
+    run = make_run(model, cfg)
+
+    def vrun(hp, data):
+        state, epochs = jax.vmap(run, in_axes=(0, None))(hp, data)
+        return state.params, state.batch_stats, epochs
+
+    devices = jax.devices()
+    if shard is None:
+        shard = len(devices) > 1
+    if shard:
+        pad = (-S) % len(devices)
+        hp = Hparams(*(np.concatenate([a, np.repeat(a[-1:], pad)]) for a in hp))
+        mesh = Mesh(np.asarray(devices), ("sweep",))
+        by_run, replicated = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
+        hp_in = Hparams(*(_global_array(a, by_run) for a in hp))
+        data_in = tuple(None if a is None else _global_array(a, replicated) for a in (x, y, x_test, y_test))
+        params, batch_stats, epochs = jax.jit(vrun, out_shardings=by_run)(hp_in, data_in)
+    else:
+        data_in = tuple(None if a is None else jnp.asarray(a) for a in (x, y, x_test, y_test))
+        params, batch_stats, epochs = jax.jit(vrun)(Hparams(*(jnp.asarray(a) for a in hp)), data_in)
+    params, batch_stats, epochs = jax.tree.map(
+        lambda a: np.asarray(a)[:S], _to_host((params, batch_stats, epochs))
+    )
+    names = layer_names(jax.tree.map(lambda a: a[0], params))
+    return SweepResult(
+        hparams=Hparams(*(a[:S] for a in hp)),
+        params=params,
+        batch_stats=batch_stats,
+        epochs=epochs,
+        layer_names=names,
+        num_devices=len(devices) if shard else 1,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    """One run of `sweep_points`: a model, its config (seed, optim.lr, optim.clip_value vary
+    freely within a group) and the blocks' kernel multiplier."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    weight_scale: float = 1.0
+
+
+def _structure(cfg: TrainConfig) -> TrainConfig:
+    optim = dataclasses.replace(cfg.optim, lr=1.0, clip_value=1.0)
+    return dataclasses.replace(cfg, seed=0, optim=optim)
+
+
+def sweep_points(points: Sequence[SweepPoint], data: Data, *, shard: bool | None = None) -> list[dict]:
+    """Run arbitrary points: grouped by structure, one vmapped (and sharded) `sweep` per group.
+
+    Args:
+      points: the runs.
+      data: as for `sweep`.
+      shard: as for `sweep`.
+
+    Returns:
+      One dict per point, in order: `SweepResult.point(i)` plus "group" (the group index).
+    """
+    groups: list[tuple[SweepPoint, list[int]]] = []
+    for i, p in enumerate(points):
+        for head, members in groups:
+            if head.model == p.model and _structure(head.cfg) == _structure(p.cfg):
+                members.append(i)
+                break
+        else:
+            groups.append((p, [i]))
+    out: list[dict | None] = [None] * len(points)
+    for g, (head, members) in enumerate(groups):
+        hp = Hparams(
+            seed=np.asarray([points[i].cfg.seed for i in members], np.int32),
+            lr=np.asarray([points[i].cfg.optim.lr for i in members], np.float32),
+            weight_scale=np.asarray([points[i].weight_scale for i in members], np.float32),
+            clip_value=np.asarray([points[i].cfg.optim.clip_value for i in members], np.float32),
+        )
+        result = sweep(head.model, head.cfg, data, hp, shard=shard)
+        for j, i in enumerate(members):
+            out[i] = {**result.point(j), "group": g}
+    return out  # type: ignore[return-value]
