@@ -151,7 +151,9 @@ def test_clipping_keeps_an_exploding_net_finite_and_stop_keeps_earlier_records(t
     assert r.nonfinite["kind"] in NONFINITE_KINDS[1:]
     lines = (tmp_path / "unclipped" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == list(range(stop_epoch + 1))
-    assert all(jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(r.state.params))  # last finite state
+    assert all(
+        jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(r.state.params)
+    )  # last finite state
     c = train(model, clipped, (x, y, x, y))
     assert not c.stopped and c.nonfinite is None and len(c.history) == 10
     assert np.isfinite(c.test["loss"]) and c.history[-1]["loss"] < c.history[0]["loss"]
@@ -159,7 +161,10 @@ def test_clipping_keeps_an_exploding_net_finite_and_stop_keeps_earlier_records(t
 
 def _plant(params, where, value=jnp.nan):
     if where == "embed":
-        return {**params, "embed": {**params["embed"], "kernel": params["embed"]["kernel"].at[0, 0].set(value)}}
+        return {
+            **params,
+            "embed": {**params["embed"], "kernel": params["embed"]["kernel"].at[0, 0].set(value)},
+        }
     if where == "head":
         return {**params, "head": {**params["head"], "bias": params["head"]["bias"].at[0].set(value)}}
     dense = params["blocks"]["dense"]
@@ -172,7 +177,9 @@ def test_a_nan_planted_in_one_layer_is_located_and_stops_the_run():
     depth = 5
     x, y = _classification(4, 128)
     model = MLPStack(depth=depth, width=8, activation="tanh", num_outputs=3)
-    cfg = TrainConfig(batch_size=32, diagnostics_every=1, on_nonfinite=on_nonfinite, optim=OptimConfig("sgd", 0.1))
+    cfg = TrainConfig(
+        batch_size=32, diagnostics_every=1, on_nonfinite=on_nonfinite, optim=OptimConfig("sgd", 0.1)
+    )
     tx = make_optimizer(cfg.optim)
     init_key, data_key = run_keys(0)
     state = init_state(model, tx, init_key, x[:32])
@@ -207,7 +214,9 @@ def test_skip_mode_drops_exactly_the_nonfinite_update():
         s, m = step(s, batch)
         skipped += int(m["skipped"])
         if not bool(m["finite"]):
-            assert int(m["nonfinite_layer"]) == 0 and NONFINITE_KINDS[int(m["nonfinite_kind"])] == "activation"
+            assert (
+                int(m["nonfinite_layer"]) == 0 and NONFINITE_KINDS[int(m["nonfinite_kind"])] == "activation"
+            )
     ref = state
     for batch in (b0, b2):
         ref, _ = step(ref, batch)
@@ -215,7 +224,7 @@ def test_skip_mode_drops_exactly_the_nonfinite_update():
     jax.tree.map(np.testing.assert_array_equal, s.params, ref.params)
 
 
-_CASE = '''
+_CASE = """
 import jax, jax.numpy as jnp
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
@@ -228,7 +237,7 @@ def build():
     model = MLPStack(depth=3, width=16, activation="relu", norm="batch", dropout_rate=0.1, num_outputs=3)
     cfg = TrainConfig(epochs=4, batch_size=32, seed=3, diagnostics_every=0, optim=OptimConfig("adam", 3e-3))
     return model, cfg, (x[:160], y[:160], x[160:], y[160:])
-'''
+"""
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
