@@ -49,7 +49,11 @@ def test_vmapped_sweep_equals_the_per_config_loop():
         optim=OptimConfig("momentum", 0.05, clip="global_norm", clip_value=1.0),
     )
     cfg = lambda seed, lr, clip: TrainConfig(  # noqa: E731
-        **{**base.__dict__, "seed": seed, "optim": OptimConfig("momentum", lr, clip="global_norm", clip_value=clip)}
+        **{
+            **base.__dict__,
+            "seed": seed,
+            "optim": OptimConfig("momentum", lr, clip="global_norm", clip_value=clip),
+        }
     )
     tanh = MLPStack(depth=2, width=16, activation="tanh", num_outputs=3)
     relu = MLPStack(depth=3, width=16, activation="relu", num_outputs=3)
@@ -105,6 +109,10 @@ print("OK")
 def test_sharded_sweep_equals_unsharded_on_eight_host_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_SHARDED)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(_SHARDED)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
