@@ -238,14 +238,19 @@ def kinks(name: str, **params) -> tuple[float, ...]:
     return tuple(spec.kinks(**params))
 
 
-def resolve(activation: str | Activation) -> tuple[Activation, tuple[float, ...]]:
-    """A registry name or a callable -> (function, kinks).
+def resolve(activation: str | Activation, **params) -> tuple[Activation, tuple[float, ...]]:
+    """A registry name (with its keyword `params` bound) or a callable -> (function, kinks).
 
     A user callable is assumed smooth except possibly at 0 (quadrature splits there,
-    which costs nothing for a smooth function and is exact for ReLU-like kinks).
+    which costs nothing for a smooth function and is exact for ReLU-like kinks); it takes
+    no `params` (bind them yourself).
     """
     if isinstance(activation, str):
-        return get(activation), kinks(activation)
+        return get(activation, **params), kinks(activation, **params)
     if callable(activation):
+        if params:
+            raise ValueError(
+                f"params {sorted(params)} apply to registry names only, not to the callable {activation!r}"
+            )
         return activation, (0.0,)
     raise ValueError(f"activation must be a registry name or a callable, got {activation!r}")

@@ -24,11 +24,11 @@ from gradflow.nn import MLPStack
 from gradflow.numerics import stable_norm
 
 CONFIGS = {
-    "sigmoid_glorot": ("sigmoid", "glorot_normal", {}),
-    "tanh_glorot": ("tanh", "glorot_normal", {}),
-    "tanh_orthogonal": ("tanh", "orthogonal", {}),
-    "relu_he": ("relu", "he_normal", {}),
-    "relu_glorot": ("relu", "glorot_normal", {}),
+    "sigmoid_glorot": ("sigmoid", "glorot_normal"),
+    "tanh_glorot": ("tanh", "glorot_normal"),
+    "tanh_orthogonal": ("tanh", "orthogonal"),
+    "relu_he": ("relu", "he_normal"),
+    "relu_glorot": ("relu", "glorot_normal"),
 }
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     print(f"{'config':18s} {'|g_1|/|g_L|':>12s} {'log smax(J_L)':>14s} {'log smin(J_L)':>14s}")
-    for name, (act, init, _) in CONFIGS.items():
+    for name, (act, init) in CONFIGS.items():
         r = measure(act, init, args.depth, args.width, jax.random.key(0))
         s = r["spectra"]
         s.save(out / f"spectra_{name}.npz")

@@ -104,10 +104,7 @@ def bias(sigma_b: float = 0.0) -> Initializer:
 
 def second_moment(activation: str | Callable, q: float = 1.0, **params) -> float:
     """E[phi(sqrt(q) z)^2], z ~ N(0, 1), by quadrature in float64."""
-    if isinstance(activation, str):
-        fn, kinks = activations.get(activation, **params), activations.kinks(activation, **params)
-    else:
-        fn, kinks = activations.resolve(activation)
+    fn, kinks = activations.resolve(activation, **params)
     return _quadrature.precise(_quadrature.gaussian_expectation, lambda x: fn(x) ** 2, q, kinks)
 
 

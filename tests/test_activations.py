@@ -126,6 +126,10 @@ def test_kinks_are_recorded():
     assert kinks == (0.0,)
     with pytest.raises(ValueError, match="registry name or a callable"):
         activations.resolve(3)
+    fn, kinks = activations.resolve("leaky_relu", negative_slope=0.2)
+    assert float(fn(-1.0)) == pytest.approx(-0.2) and kinks == (0.0,)
+    with pytest.raises(ValueError, match="apply to registry names only"):
+        activations.resolve(lambda x: x, alpha=1.0)
 
 
 def test_saturated_derivatives_are_accurate_in_float32():
