@@ -1,40 +1,29 @@
 """The seed-program experiments at test size, asserting their findings."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 
-_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", _EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def two_layer(tmp_path_factory):
+def two_layer(tmp_path_factory, load_experiment):
     out = tmp_path_factory.mktemp("seed_two_layer")
-    return _load("seed_two_layer").run(steps=30, out=out, verbose=False), out
+    return load_experiment("seed_two_layer").run(steps=30, out=out, verbose=False), out
 
 
 @pytest.fixture(scope="module")
-def numpy_net(tmp_path_factory):
+def numpy_net(tmp_path_factory, load_experiment):
     out = tmp_path_factory.mktemp("seed_numpy_net")
-    return _load("seed_numpy_net").run(epochs=300, out=out, verbose=False), out
+    return load_experiment("seed_numpy_net").run(epochs=300, out=out, verbose=False), out
 
 
-def test_two_layer_three_ways_agree_and_the_hand_gradient_passes(two_layer):
+def test_two_layer_four_ways_agree_and_the_hand_gradient_passes(two_layer):
     result, out = two_layer
     assert json.loads((out / "result.json").read_text()) == result
     assert (out / "loss_curves.png").stat().st_size > 0
     variants = result["variants"]
-    assert result["variants_compared"] == ["by_hand", "jax_grad", "optax_sgd"]
+    assert result["variants_compared"] == ["by_hand", "jax_grad", "optax_sgd", "gradflow_trainer"]
     assert result["max_rel_diff_between_variants"] < 1e-10
     initial = variants["by_hand"]["initial_loss"]
     assert 1e7 < initial < 1e8  # unscaled weights: Var(y_pred) ~ 100 * 500

@@ -1,31 +1,19 @@
 """Test-sized runs of the theory experiments, asserting their claims."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_phase_diagram_critical_line(tmp_path):
-    r = _load("phase_diagram").run(str(tmp_path), n_w=6, n_b=3)
+def test_phase_diagram_critical_line(tmp_path, load_experiment):
+    r = load_experiment("phase_diagram").run(str(tmp_path), n_w=6, n_b=3)
     line = np.asarray(r["critical_sigma_w"])
     assert line[0] == pytest.approx(1.0, abs=1e-6)  # tanh, sigma_b = 0
     assert np.all(np.diff(line) > 0)  # biases push the edge of chaos to larger sigma_w
     assert (tmp_path / "phase_diagram.png").stat().st_size > 1000
 
 
-def test_mean_field_overlay_slopes_match_chi1(tmp_path):
-    r = _load("mean_field_overlay").run(str(tmp_path), width=48, depth=12, seeds=3)
+def test_mean_field_overlay_slopes_match_chi1(tmp_path, load_experiment):
+    r = load_experiment("mean_field_overlay").run(str(tmp_path), width=48, depth=12, seeds=3)
     c = r["curves"]
     assert c["ordered"]["slope_measured"] < -0.1 and c["chaotic"]["slope_measured"] > 0.1
     for curve in c.values():
