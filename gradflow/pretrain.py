@@ -1,0 +1,426 @@
+"""Greedy layer-wise pretraining of an `MLPStack` as stacked (denoising) autoencoders, then fine-tuning.
+
+The procedure of Hinton et al. (2006) and Bengio et al. (2007), with autoencoders as the
+layer-wise learners (Vincent et al. 2008 for the denoising variant). Layers are trained one
+at a time, bottom up; layer l sees the output of the already pretrained layers < l on the
+training set, computed once with those layers frozen, and learns to reconstruct it:
+
+    h_l = f_l(h_{l-1})                                  (encoder: the layer itself)
+    r_l = g_l(f_l(c(h_{l-1})))                          (g_l: a fresh decoder)
+    loss_l = mean over batch and units of (r_l - h_{l-1})^2
+
+with c the corruption of a denoising autoencoder (identity when `noise == 0`): "mask" zeroes
+each entry with probability `noise`, "gaussian" adds N(0, noise^2). The decoder is
+g(z) = psi(z W' + c): W' the transposed encoder kernel (`tied=True`, the default, as in
+Vincent et al. 2008) or a fresh LeCun-normal kernel, c a fresh zero bias, and psi, with
+`decoder_activation="mirror"` (default), the activation that produced the layer's input
+(identity for the embed and block 1, the stack's activation for blocks 2..L); it is
+discarded after its layer.
+
+Why "mirror" and tied weights: for a sigmoid stack in its near-linear regime, reconstructing
+h through sigmoid(W^T sigmoid(W h + b) + c) needs W^T W ~ 16 I (each sigmoid contributes a
+slope 1/4), i.e. a per-layer gain sigmoid'(0) * 4 = 1, the critical scale. With a linear
+decoder, tied or untied, deep sigmoid stacks kept the vanishing profile of Glorot
+initialization in trial runs (see experiments/pretraining.py).
+
+Which layers. `MLPStack` is embed -> blocks 1..L -> head, where embed is a plain linear
+`Dense(width)` (no activation; see `gradflow.nn.mlp`). Layer 0 of the greedy procedure is the
+embed, trained as a *linear* autoencoder of the input x (`PretrainConfig.pretrain_embed`;
+with width >= input dim it can reconstruct x exactly, so it mostly sets a well-conditioned
+projection); layers 1..L are the blocks, each encoder its own dense + activation (the block's
+parameters sliced from the stacked depth axis). The head is the supervised layer and is left
+as given. Rows of the returned loss arrays follow the same order: row 0 = embed, row l =
+block l (the names of `gradflow.train.layer_names` without the head).
+
+Compilation: the blocks are pretrained by one `lax.scan` over the depth axis (its carry the
+training-set representation h_{l-1}, its outputs the pretrained slices, which stack back into
+`params["blocks"]`), each layer's optimisation a `lax.scan` over minibatch steps; the whole
+procedure is one jitted call whose compile time does not grow with depth. Minibatches are
+drawn uniformly with replacement; layer l's randomness (decoder init, batches, corruption)
+derives from `fold_in(key(cfg.seed), l)`, so it does not depend on the depth or on `num_layers`.
+
+Supported stacks: `MLPStack` with norm=None and residual=None (plain blocks); dropout is off
+during pretraining (the encoder runs deterministically). Fine-tuning: `finetune` runs the
+ordinary trainer (`gradflow.train.make_train_epoch`) from the given parameters, since
+`gradflow.train.train` always initializes its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.typing import ArrayLike
+
+from gradflow.nn.mlp import Block, MLPStack
+from gradflow.optim import OptimConfig, make_optimizer
+from gradflow.train import diagnostics as dg
+from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch, task_loss
+
+CORRUPTIONS = ("mask", "gaussian")
+DECODER_ACTIVATIONS = ("mirror", "linear")
+Params = Any
+Encoder = Callable[[Params, jax.Array], jax.Array]
+Data = tuple[Any, Any, Any, Any]
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
+        raise ValueError(f"PretrainConfig.{name} must be an integer >= {lo}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"PretrainConfig.{name} must be one of (True, False), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Hyperparameters of greedy layer-wise autoencoder pretraining.
+
+    Attributes:
+      steps_per_layer: optimizer steps for each layer, >= 1.
+      batch_size: examples per step, >= 1 (drawn with replacement from the training set).
+      optim: the optimizer of every layer (`gradflow.optim.make_optimizer`; a fresh state
+        per layer).
+      noise: corruption level of a denoising autoencoder, >= 0 (0: a plain autoencoder);
+        for "mask" the drop probability, < 1.
+      corruption: "mask" (zero each input entry with probability `noise`) or "gaussian"
+        (add N(0, noise^2) noise).
+      tied: decoder kernel = the encoder kernel transposed (plus its own bias), as in
+        Vincent et al. (2008); not for "maxout" blocks, whose kernel is (W, pieces * W).
+      decoder_activation: "mirror" (the decoder ends in the activation that produced the
+        layer's input: linear for the embed and block 1, whose inputs are x and the linear
+        embed's output, the stack's activation for blocks 2..L; linear for the module
+        activations "prelu", "rrelu", "maxout") or "linear" (always linear).
+      pretrain_embed: pretrain the linear input projection as layer 0 (else it is kept).
+      seed: seed of the decoders' initialization, the minibatches and the corruption.
+    """
+
+    steps_per_layer: int = 500
+    batch_size: int = 128
+    optim: OptimConfig = OptimConfig("adam", 1e-3)
+    noise: float = 0.0
+    corruption: str = "mask"
+    tied: bool = True
+    decoder_activation: str = "mirror"
+    pretrain_embed: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("steps_per_layer", self.steps_per_layer, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        if not isinstance(self.optim, OptimConfig):
+            raise ValueError(f"PretrainConfig.optim must be an OptimConfig, got {self.optim!r}")
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(
+                f"PretrainConfig.corruption must be one of {CORRUPTIONS}, got {self.corruption!r}"
+            )
+        hi = 1.0 if self.corruption == "mask" else math.inf
+        ok = isinstance(self.noise, int | float) and not isinstance(self.noise, bool)
+        if not (ok and math.isfinite(self.noise) and 0.0 <= self.noise < hi):
+            raise ValueError(
+                f"PretrainConfig.noise must be a finite number in [0, {hi}) for "
+                f"corruption={self.corruption!r}, got {self.noise!r}"
+            )
+        _check_bool("tied", self.tied)
+        if self.decoder_activation not in DECODER_ACTIVATIONS:
+            raise ValueError(
+                f"PretrainConfig.decoder_activation must be one of {DECODER_ACTIVATIONS}, "
+                f"got {self.decoder_activation!r}"
+            )
+        _check_bool("pretrain_embed", self.pretrain_embed)
+        _check_int("seed", self.seed, 0)
+
+
+class LayerFit(NamedTuple):
+    """What `pretrain_layer` returns.
+
+    Attributes:
+      params: the encoder's trained parameters (same tree as given).
+      decoder: the trained decoder's parameters ({"kernel", "bias"}, or {"bias"} when tied).
+      losses: (steps,) minibatch reconstruction loss before each update (corrupted input).
+      loss_before, loss_after: () full-data reconstruction MSE of the clean input at the start
+        (given encoder, fresh decoder) and at the end.
+      input_var: () the input's variance per unit, averaged over units: the MSE of the best
+        constant reconstruction, so loss / input_var is the fraction of variance unexplained.
+    """
+
+    params: Params
+    decoder: Params
+    losses: jax.Array
+    loss_before: jax.Array
+    loss_after: jax.Array
+    input_var: jax.Array
+
+
+class PretrainResult(NamedTuple):
+    """What `pretrain` returns; loss rows are layers (0 = embed, l = block l), NaN if not pretrained.
+
+    Attributes:
+      params: the model's parameters with the pretrained embed and blocks written back (the
+        head and any layer not pretrained unchanged); pass them to `finetune`.
+      losses: (L + 1, steps_per_layer) minibatch reconstruction losses.
+      loss_before, loss_after: (L + 1,) full-data reconstruction MSE before and after.
+      input_var: (L + 1,) each layer's input variance (see `LayerFit`), with the pretrained
+        lower layers.
+    """
+
+    params: Params
+    losses: jax.Array
+    loss_before: jax.Array
+    loss_after: jax.Array
+    input_var: jax.Array
+
+
+def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
+    if cfg.noise == 0:
+        return h
+    if cfg.corruption == "mask":
+        return jnp.where(jax.random.bernoulli(key, 1.0 - cfg.noise, h.shape), h, 0.0).astype(h.dtype)
+    return h + cfg.noise * jax.random.normal(key, h.shape, h.dtype)
+
+
+def _kernel(params: Params) -> jax.Array:
+    """The encoder's kernel: a Dense's own, or a block's dense layer's."""
+    return params["kernel"] if "kernel" in params else params["dense"]["kernel"]
+
+
+def _decode(decoder: Params, enc_params: Params, z: jax.Array, tied: bool) -> jax.Array:
+    kernel = _kernel(enc_params).T if tied else decoder["kernel"]
+    return z @ kernel + decoder["bias"][None, :]
+
+
+def _identity(z: jax.Array) -> jax.Array:
+    return z
+
+
+def pretrain_layer(
+    encode: Encoder,
+    params: Params,
+    h_NxD: ArrayLike,
+    cfg: PretrainConfig,
+    key: jax.Array,
+    *,
+    output_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> LayerFit:
+    """Train one layer as an autoencoder of its input `h_NxD`; pure, jit it outside.
+
+    Args:
+      encode: the layer, `encode(params, h_BxD) -> z_BxW`.
+      params: its parameters (the encoder's; only these and the decoder's are trained).
+      h_NxD: the layer's input on the whole training set, shape (N, D), N >= batch_size.
+      cfg: the pretraining config (`steps_per_layer`, `batch_size`, `optim`, `noise`,
+        `corruption`, `tied`; `seed` is not read: the key is given).
+      key: typed PRNG key of this layer, split into the decoder's init key and a data key;
+        step t's batch and corruption come from `fold_in(data_key, t)`.
+      output_fn: the decoder's output activation, r = output_fn(z W' + c); None: linear.
+
+    Returns:
+      A `LayerFit`.
+    """
+    h = jnp.asarray(h_NxD)
+    n, d = h.shape
+    width = jax.eval_shape(encode, params, h[:1]).shape[-1]
+    dec_key, data_key = jax.random.split(key)
+    decoder = {"bias": jnp.zeros((d,), h.dtype)}
+    if not cfg.tied:
+        decoder["kernel"] = nn.initializers.lecun_normal()(dec_key, (width, d), h.dtype)
+    tx = make_optimizer(cfg.optim)
+    out_fn = _identity if output_fn is None else output_fn
+
+    def loss_fn(theta, x_in, target):
+        z = encode(theta["encoder"], x_in)
+        recon = out_fn(_decode(theta["decoder"], theta["encoder"], z, cfg.tied))
+        return jnp.mean((recon - target) ** 2)
+
+    def step(carry, t):
+        theta, opt_state = carry
+        idx_key, noise_key = jax.random.split(jax.random.fold_in(data_key, t))
+        batch = h[jax.random.randint(idx_key, (cfg.batch_size,), 0, n)]
+        loss, grads = jax.value_and_grad(loss_fn)(theta, _corrupt(noise_key, batch, cfg), batch)
+        updates, opt_state = tx.update(grads, opt_state, theta)
+        return (optax.apply_updates(theta, updates), opt_state), loss
+
+    theta0 = {"encoder": params, "decoder": decoder}
+    (theta, _), losses = lax.scan(step, (theta0, tx.init(theta0)), jnp.arange(cfg.steps_per_layer))
+    return LayerFit(
+        params=theta["encoder"],
+        decoder=theta["decoder"],
+        losses=losses,
+        loss_before=loss_fn(theta0, h, h),
+        loss_after=loss_fn(theta, h, h),
+        input_var=jnp.mean(jnp.var(h, axis=0)),
+    )
+
+
+def check_supported(model: Any) -> None:
+    """Raise a ValueError unless `model` is an `MLPStack` that `pretrain` handles."""
+    if not isinstance(model, MLPStack):
+        raise ValueError(f"pretrain needs a gradflow.nn.MLPStack, got {type(model).__name__}")
+    if model.norm is not None:
+        raise ValueError(f"pretrain supports plain stacks only: norm must be None, got norm={model.norm!r}")
+    if model.residual is not None:
+        raise ValueError(
+            f"pretrain supports plain stacks only: residual must be None, got residual={model.residual!r}"
+        )
+
+
+def _encoders(model: MLPStack) -> tuple[Encoder, Encoder]:
+    embed = nn.Dense(model.width, parent=None)
+    block = Block(**model.block_fields(train=False, noise=False, dropout_rate=0.0), parent=None)
+    return (lambda p, h: embed.apply({"params": p}, h)), (lambda p, h: block.apply({"params": p}, h)[0])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _pretrain(
+    model: MLPStack, params: Params, x: jax.Array, cfg: PretrainConfig, seed: jax.Array, num_layers: jax.Array
+) -> PretrainResult:
+    # `cfg` is static with seed=0; the seed and num_layers are traced, so neither recompiles.
+    root = jax.random.key(seed)
+    embed_fn, block_fn = _encoders(model)
+    phi = dg.activation_fn(model) if cfg.decoder_activation == "mirror" else None
+    nan = jnp.full((), jnp.nan, x.dtype)
+    blank = (jnp.full((cfg.steps_per_layer,), jnp.nan, x.dtype), nan, nan, nan)
+    curves = lambda fit: (fit.losses, fit.loss_before, fit.loss_after, fit.input_var)  # noqa: E731
+
+    embed_params, embed_row = params["embed"], blank
+    if cfg.pretrain_embed:
+        fit = pretrain_layer(embed_fn, embed_params, x, cfg, jax.random.fold_in(root, 0))
+        embed_params, embed_row = fit.params, curves(fit)
+
+    def layer(h, xs):
+        p, l = xs
+        # mirror: block 1's input is the linear embed's output, block l > 1's is phi(.).
+        out_fn = None if phi is None else (lambda r: jnp.where(l == 1, r, phi(r)))
+
+        def fit_layer(p):
+            fit = pretrain_layer(block_fn, p, h, cfg, jax.random.fold_in(root, l), output_fn=out_fn)
+            return fit.params, curves(fit)
+
+        p, row = lax.cond(l < num_layers, fit_layer, lambda p: (p, blank), p)
+        # The next layer's input: this layer's output with its pretrained (now frozen) params.
+        return block_fn(p, h), (p, row)
+
+    h = embed_fn(embed_params, x)
+    _, (blocks, rows) = lax.scan(layer, h, (params["blocks"], jnp.arange(1, model.depth + 1)))
+    losses, before, after, var = (jnp.concatenate([e[None], r]) for e, r in zip(embed_row, rows))
+    new_params = {**params, "embed": embed_params, "blocks": blocks}
+    return PretrainResult(new_params, losses, before, after, var)
+
+
+def pretrain(
+    model: MLPStack, params: Params, x: ArrayLike, cfg: PretrainConfig, *, num_layers: int | None = None
+) -> PretrainResult:
+    """Greedy layer-wise autoencoder pretraining of `model`'s embed and blocks (module docstring).
+
+    Args:
+      model: a plain `MLPStack` (norm=None, residual=None).
+      params: its "params" collection (e.g. `model.init(key, x)["params"]`).
+      x: the training inputs, shape (N, D), N >= cfg.batch_size (labels are not used).
+      cfg: the pretraining config.
+      num_layers: pretrain only the lowest `num_layers` layers of the greedy order (embed =
+        layer 0, block l = layer l), in [1, depth + 1]; None pretrains all. Higher layers
+        are returned unchanged (bit for bit) and their loss rows are NaN. One compiled
+        program serves every `num_layers` and every `cfg.seed`.
+
+    Returns:
+      A `PretrainResult`; its `params` go to `finetune` (or any trainer that takes params).
+    """
+    check_supported(model)
+    if cfg.tied and model.activation == "maxout":
+        raise ValueError("PretrainConfig.tied=True needs a square block kernel; activation='maxout' has none")
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"pretrain needs inputs x of shape (N, D), got shape {x.shape}")
+    if x.shape[0] < cfg.batch_size:
+        raise ValueError(f"PretrainConfig.batch_size={cfg.batch_size} exceeds the {x.shape[0]} examples")
+    total = model.depth + 1
+    num_layers = total if num_layers is None else num_layers
+    if not (isinstance(num_layers, int) and 1 <= num_layers <= total):
+        raise ValueError(f"num_layers must be an integer in [1, {total}] (depth + 1), got {num_layers!r}")
+    static = dataclasses.replace(cfg, seed=0)
+    return _pretrain(model, params, x, static, jnp.int32(cfg.seed), jnp.int32(num_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task"))
+def layer_grad_norms(
+    model: nn.Module, params: Params, x: ArrayLike, y: ArrayLike, task: str = "classification"
+) -> jax.Array:
+    """Per-layer gradient norms ||dL/dtheta_l|| of the task loss on (x, y), evaluation mode.
+
+    Args:
+      model: an `MLPStack`-shaped model (params "embed", "blocks", "head").
+      params: its parameters.
+      x: a batch of inputs (B, D); y: its labels (B,) or targets.
+      task: "classification" or "regression" (`gradflow.train.task_loss`).
+
+    Returns:
+      (L + 2,) norms in the order of `gradflow.train.layer_names`: embed, blocks 1..L, head.
+    """
+
+    def loss(p):
+        return task_loss(model.apply({"params": p}, jnp.asarray(x)), jnp.asarray(y), task)[0]
+
+    grads = jax.grad(loss)(params)
+    blocks = dg.layer_norms(grads)
+    return jnp.concatenate([dg.tree_norm(grads["embed"])[None], blocks, dg.tree_norm(grads["head"])[None]])
+
+
+def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> tuple[TrainState, dict]:
+    """Train `model` from `params` with the ordinary trainer; the whole run is one jitted scan.
+
+    The same steps, batches (`epoch_batches` with `run_keys(cfg.seed)`) and dropout keys as
+    `gradflow.train.train` with this `cfg`, but starting from the given parameters (a fresh
+    optimizer state) and without records on disk. Models without BatchNorm only.
+
+    Args:
+      model: the linen module (static).
+      params: the starting parameters (e.g. `pretrain(...).params`).
+      cfg: the training config (static).
+      data: (x_train, y_train, x_test, y_test); the test pair may be (None, None).
+
+    Returns:
+      (final state, epochs): `epochs` holds `gradflow.train.summarize_epoch`'s entries with a
+      leading axis cfg.epochs, plus test_loss / test_accuracy with test data. One compiled
+      program serves every `cfg.seed`.
+    """
+    x_train = jnp.asarray(data[0])
+    if x_train.shape[0] < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
+    static = dataclasses.replace(cfg, seed=0)
+    return _finetune(model, params, static, tuple(data), jnp.int32(cfg.seed))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _finetune(
+    model: nn.Module, params: Params, cfg: TrainConfig, data: Data, seed: jax.Array
+) -> tuple[TrainState, dict]:
+    x, y, x_test, y_test = data
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    tx = make_optimizer(cfg.optim)
+    init_key, data_key = run_keys(seed)
+    state = init_state(model, tx, init_key, x[: cfg.batch_size])
+    state = state._replace(params=params, opt_state=tx.init(params))
+    epoch_fn = make_train_epoch(model, tx, cfg)
+
+    def body(carry, epoch):
+        state, done = carry
+        state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
+        summary = summarize_epoch(metrics)
+        if x_test is not None:
+            test = evaluate(model, state, x_test, y_test, cfg)
+            summary.update({f"test_{k}": v for k, v in test.items()})
+        return (state, summary["done"]), summary
+
+    (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
+    return state, epochs
