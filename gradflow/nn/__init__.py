@@ -1,5 +1,7 @@
 """Flax (linen) stacks and layers; every stack exposes the layer-walking interface (`walk`)."""
 
+from gradflow.nn.config import KINDS as KINDS
+from gradflow.nn.config import StackConfig as StackConfig
 from gradflow.nn.layers import Maxout as Maxout
 from gradflow.nn.layers import PReLU as PReLU
 from gradflow.nn.layers import RReLU as RReLU

@@ -1,0 +1,93 @@
+"""Figures shared by the CLI, the atlas and the experiments (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def layer_heatmap(
+    values_TxL: np.ndarray,
+    ax=None,
+    *,
+    title: str = "",
+    label: str = "log10 ||dL/dW_l||",
+    xlabel: str = "epoch",
+):
+    """log10 of a per-layer quantity over training: rows are layers (bottom = layer 1), columns time.
+
+    Non-positive or non-finite entries are left blank. Returns the image.
+    """
+    v = np.asarray(values_TxL, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        img = np.where(np.isfinite(v) & (v > 0), np.log10(np.where(v > 0, v, 1.0)), np.nan).T
+    ax = ax if ax is not None else plt.gca()
+    im = ax.imshow(
+        img,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        extent=(0.5, v.shape[0] + 0.5, 0.5, v.shape[1] + 0.5),
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax, label=label)
+    return im
+
+
+def grad_norm_profiles(
+    curves: dict[str, np.ndarray], path: str | pathlib.Path, *, title: str = "", ylabel: str = "||dL/dW_l||"
+) -> None:
+    """One line per named run: a per-layer quantity against the layer index, log scale."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, g in curves.items():
+        g = np.asarray(g, np.float64)
+        ok = np.isfinite(g) & (g > 0)
+        if ok.any():
+            ax.semilogy(np.arange(1, len(g) + 1)[ok], g[ok], label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_run_figures(history: Sequence[dict], out: str | pathlib.Path) -> list[pathlib.Path]:
+    """Loss curve and per-layer gradient-norm heatmap of a `gradflow.train.train` run's records."""
+    out = pathlib.Path(out)
+    paths = []
+    if not history:
+        return paths
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["loss"] for r in history], "o-", label="train loss")
+    if "test_loss" in history[0]:
+        ax.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    if "grad_norm" in history[0] and history[0]["grad_norm"] is not None:
+        grads = np.asarray(
+            [[np.nan if v is None else v for v in r["grad_norm"]] for r in history], np.float64
+        )
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        layer_heatmap(grads, ax, title="per-layer gradient norms over training")
+        fig.tight_layout()
+        paths.append(out / "grad_norms.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,109 @@
+"""The atlas at test size: its labels are the textbook ones, and its numbers match mean-field theory."""
+
+import json
+import math
+
+import pytest
+
+from gradflow import atlas, report
+from gradflow.atlas import Case, RecurrentCase
+
+CASES = (
+    [
+        Case("sigmoid", "naive_small", "plain", 24),
+        Case("tanh", "orthogonal", "plain", 24),
+        Case("relu", "he", "plain", 24),
+        Case("relu", "naive_large", "plain", 24),
+        Case("relu", "he", "batchnorm", 24),
+        Case("relu", "he", "rezero", 24),
+    ],
+    [RecurrentCase("rnn", 60), RecurrentCase("lstm", 60), RecurrentCase("lstm_chrono", 60)],
+)
+
+
+@pytest.fixture(scope="module")
+def atlas_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas")
+    cfg = atlas.AtlasConfig(width=16, epochs=0, train_samples=200, spectra_batch=4)
+    rows = atlas.run(cfg, out, progress=False, only=CASES)
+    return {r["name"]: r for r in rows}, out, cfg
+
+
+def test_labels_are_the_textbook_ones(atlas_run):
+    rows, _, _ = atlas_run
+    label = {name: r["label"] for name, r in rows.items()}
+    assert label["sigmoid-naive_small-plain-L24"] == "vanishing"
+    assert label["tanh-orthogonal-plain-L24"] == "healthy (near-isometric)"
+    assert label["relu-he-plain-L24"] == "healthy (spreads)"  # dead units: exact zeros
+    assert label["relu-naive_large-plain-L24"] == "exploding"
+    assert label["relu-he-batchnorm-L24"] == "exploding"  # BN without residual, at init
+    assert label["relu-he-rezero-L24"] == "healthy (near-isometric)"
+    assert label["rnn-T60"] == "vanishing"
+    assert label["lstm-T60"] == "vanishing"  # zero forget bias: f ~ 1/2 per step
+    assert label["lstm_chrono-T60"].startswith("healthy")  # the gated path keeps the gradient
+
+
+def test_numbers_match_mean_field_and_exact_identities(atlas_run):
+    rows, _, _ = atlas_run
+    for name in ("sigmoid-naive_small-plain-L24", "relu-naive_large-plain-L24"):
+        r = rows[name]  # far from criticality the mean-field rate log chi_1 is accurate
+        assert r["measured_rate"] == pytest.approx(r["mean_field_rate"], rel=0.1), name
+    r = rows["relu-naive_large-plain-L24"]
+    assert r["mean_field_rate"] == pytest.approx(math.log(16 / 2), rel=1e-5)  # sigma_w^2 / 2, width 16
+    rz = rows["relu-he-rezero-L24"]  # alpha = 0: every block is exactly the identity
+    assert rz["log_sigma_max"] == pytest.approx(0.0, abs=1e-5)
+    assert rz["log_sigma_min"] == pytest.approx(0.0, abs=1e-5)
+    assert (
+        rows["relu-he-batchnorm-L24"]["measured_rate"] > rows["relu-he-batchnorm-L24"]["mean_field_rate"] > 0
+    )
+
+
+def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monkeypatch):
+    rows, out, cfg = atlas_run
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in lines] == list(rows)
+    arrays = atlas.load_arrays(out)
+    assert arrays["tanh-orthogonal-plain-L24/log_sv"].shape == (24, 16)
+    assert arrays["lstm_chrono-T60/log_sv"].shape == (60, 32)  # the [c; h] state
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed a finished configuration")
+
+    monkeypatch.setattr(atlas, "_measure_group", boom)
+    monkeypatch.setattr(atlas, "_measure_recurrent", boom)
+    again = atlas.run(cfg, out, progress=False, only=CASES)
+    assert [r["name"] for r in again] == list(rows)
+
+
+def test_report_is_self_contained(atlas_run):
+    _, out, _ = atlas_run
+    page = report.build(out, seconds=1.0)
+    html = page.read_text()
+    assert "<table>" in html and "data:image/png;base64," in html and "src='http" not in html
+    md = (out / "report.md").read_text()
+    assert "| sigmoid-naive_small-plain-L24 |" in md and "vanishing" in md
+    for name in ("atlas_map.png", "jacobian_growth.png", "recurrent.png"):
+        assert (out / name).stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["labels"]["vanishing"] >= 3
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="activations"):
+        atlas.AtlasConfig(activations=("swish",))
+    with pytest.raises(ValueError, match="depths"):
+        atlas.AtlasConfig(depths=(1,))
+    with pytest.raises(ValueError, match="grid"):
+        atlas.AtlasConfig(grid="huge")
+
+
+def test_default_grid_covers_every_axis_value():
+    cfg = atlas.AtlasConfig()
+    ff, rec = atlas.cases(cfg)
+    for axis in ("activation", "init", "arch", "depth"):
+        values = {getattr(c, axis) for c in ff}
+        expected = set(getattr(cfg, axis + "s"))
+        assert values == expected, axis
+    assert {c.cell for c in rec} == set(cfg.cells)
+    assert len(atlas._groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
+    full, _ = atlas.cases(atlas.AtlasConfig(grid="full"))
+    assert len(full) == 7 * 6 * 4 * 3
