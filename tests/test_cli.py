@@ -1,0 +1,65 @@
+"""The `gradflow` command: help, errors with exit code 2, and small end-to-end runs."""
+
+import json
+
+import pytest
+
+from gradflow import cli
+
+SUBCOMMANDS = ("spectra", "train", "sweep", "atlas", "report")
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([sub, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"gradflow {sub}" in text
+    assert cli.COMMANDS[sub][0].__doc__.split()[0] in text
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["atlas", "--activations", "swish"], "swish"),
+        (["spectra", "--model.activation", "foo"], "activation"),
+        (["spectra", "--method", "svd"], "method"),
+        (["train", "--train.optim.optimizer", "lbfgs"], "optimizer"),
+        (["train", "--dataset", "imagenet"], "dataset"),
+        (["atlas", "--bogus"], "--bogus"),
+        (["report", "/no/such/run"], "/no/such/run"),
+    ],
+)
+def test_bad_flags_and_values_exit_2_naming_them(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert named in " ".join((err.out + err.err).split())
+
+
+def test_spectra_prints_the_table_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "spectra"
+    code = cli.main(["spectra", "--model.depth", "6", "--model.width", "8", "--model.init", "orthogonal",
+                     "--model.activation", "linear", "--input", "random", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["log_max"] == pytest.approx([0.0] * 6, abs=1e-5)  # orthogonal linear: isometry
+    assert summary["log_min"] == pytest.approx([0.0] * 6, abs=1e-5)
+    assert "log smax" in capsys.readouterr().out
+    assert (out / "spectra.png").stat().st_size > 1000
+
+
+def test_tiny_atlas_and_report_rebuild(tmp_path):
+    out = tmp_path / "atlas"
+    argv = ["atlas", "--grid", "full", "--activations", "relu", "--inits", "he", "--archs", "plain",
+            "--depths", "4", "--cells", "rnn", "--seq-lens", "6", "--width", "8", "--epochs", "1",
+            "--train-samples", "200", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["relu-he-plain-L4", "rnn-T6"]
+    assert rows[0]["final_accuracy"] is not None and len(rows[0]["grad_norm_first_epoch"]) == 4
+    (out / "report.html").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert "data:image/png;base64," in (out / "report.html").read_text()
