@@ -332,3 +332,39 @@ def test_pure_core_vmaps_over_seeds_and_matches_the_api():
     np.testing.assert_allclose(back[-1], 0.0)  # G_L = I
     api = spectra.jacobian_spectra(step, ws[0], h0, direction="backward")
     np.testing.assert_allclose(back, api.log_singular_values, atol=1e-5)
+
+
+def test_model_spectra_compiles_once_per_model_and_shape():
+    from gradflow.spectra import core
+
+    model = MLPStack(depth=3, width=4, activation="tanh", num_outputs=None)
+    x = jax.random.normal(jax.random.key(19), (3,))
+    v1, v2 = (model.init(jax.random.key(i), x[None]) for i in (20, 21))
+    spectra.model_spectra(model, v1, x)
+    compiled = core._exact_jit._cache_size()
+    res = spectra.model_spectra(model, v2, x)
+    assert core._exact_jit._cache_size() == compiled  # new variables, same program
+    walk = model.walk(v2, x)  # and the new variables are the ones used
+    ref = spectra.jacobian_spectra(walk.step, walk.params, walk.h0)
+    np.testing.assert_allclose(res.log_singular_values, ref.log_singular_values, atol=1e-5)
+
+
+def test_qr_lq_jacobi_step_on_a_graded_matrix_against_float64():
+    from gradflow.spectra import _jacobi
+
+    # X = Y^T diag(exp(s)) with a spread of e^60: the float32 step keeps every singular value.
+    m, n = 8, 12
+    y = jax.random.normal(jax.random.key(22), (m, n))
+    s = jnp.linspace(0.0, -60.0, m)[jax.random.permutation(jax.random.key(23), m)]
+    rows, s2 = _jacobi.qr_step(y, s)
+    mpmath.mp.dps = 60
+    x = mpmath.matrix(np.asarray(y, np.float64).T.tolist()) * mpmath.diag(
+        [mpmath.exp(float(v)) for v in np.asarray(s)]
+    )
+    ref = sorted((float(mpmath.log(v)) for v in mpmath.svd_r(x, compute_uv=False)), reverse=True)
+    np.testing.assert_allclose(np.sort(np.asarray(s2))[::-1], ref, atol=1e-4)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(m), atol=1e-5)
+    # orthogonal input: the Gram check stops before any sweep
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(24), (m, m)))[0]
+    _, c, s3 = _jacobi.precondition(q, jnp.zeros(m))
+    assert int(_jacobi.orthogonalize(c, s3)[2]) == 0

@@ -18,7 +18,15 @@ which plain bidiagonal SVD of the product does not.
 
 Pairs are visited in round-robin (circle-method) order with the rows kept as two halves, so
 each of the m - 1 rounds rotates the m / 2 disjoint pairs (top[k], bottom[k]) with slices and
-selects only (no gathers), and re-arranges the halves by a fixed slice-and-concatenate.
+per-pair scalar coefficients (no gathers, no row swaps), and re-arranges the halves by a fixed
+slice-and-concatenate. Convergence is checked with one Gram product C C^T (BLAS-3) between
+sweeps, not by a further sweep.
+
+`qr_step` preconditions with two Householder QRs (QR, then LQ: Drmac & Veselic 2008), which
+turns the row-graded triangular factor of the first QR into a column-graded one. Jacobi then
+works on that factor's columns directly, so no rotation accumulator is needed: the new rows are
+the orthogonalized factor times Q^T, and they represent X exactly (up to rounding) even before
+Jacobi has converged.
 """
 
 from __future__ import annotations
@@ -37,22 +45,22 @@ def renormalize(c: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return c, s
 
 
-def _rotate_pairs(ct, cb, st, sb, at, ab):
+def _rotate_pairs(ct, cb, st, sb):
     """Rotate the pairs (top[k], bottom[k]) so each pair of rows becomes orthogonal.
 
-    The larger-scale row of each pair is i, the other j, r = exp(s_j - s_i) <= 1; selects, not
-    gathers, so a round is a handful of fused elementwise ops. The accumulator rows (at, ab)
-    receive the same full-scale rotation (cs, sn = cs * t), unscaled. Returns the new halves
-    and the largest cosine between the pairs before rotation (the convergence measure).
+    The larger-scale row of each pair is i, the other j, r = exp(s_j - s_i) <= 1. With
+    t = r * tau the rotation is new_i = cs (c_i - r t c_j) (scale s_i), new_j = cs (tau c_i + c_j)
+    (scale s_j); written per pair as new_top = cs (c_top + u c_bottom), new_bottom =
+    cs (v c_top + c_bottom), so a round is three row dot products and two axpys.
     """
-    swap = (sb > st)[:, None]
-    ci, cj = jnp.where(swap, cb, ct), jnp.where(swap, ct, cb)
-    si, sj = jnp.where(swap[:, 0], sb, st), jnp.where(swap[:, 0], st, sb)
-    a = jnp.sum(ci * ci, axis=1)
-    b = jnp.sum(cj * cj, axis=1)
-    g = jnp.sum(ci * cj, axis=1)
+    swap = sb > st  # the bottom row has the larger scale: i = bottom
+    tt = jnp.sum(ct * ct, axis=1)
+    bb = jnp.sum(cb * cb, axis=1)
+    g = jnp.sum(ct * cb, axis=1)
+    a, b = jnp.where(swap, bb, tt), jnp.where(swap, tt, bb)
+    si, sj = jnp.maximum(st, sb), jnp.minimum(st, sb)
     finite = jnp.isfinite(si) & jnp.isfinite(sj)
-    r = jnp.where(finite, jnp.exp(jnp.minimum(sj - si, 0.0)), 0.0)
+    r = jnp.where(finite, jnp.exp(jnp.where(finite, sj - si, 0.0)), 0.0)
     # zeta = (r^2 b - a) / (2 r g); t = r * tau with tau finite as r -> 0.
     z = r * r * b - a
     sgn = jnp.where(z >= 0, 1.0, -1.0) * jnp.where(g >= 0, 1.0, -1.0)
@@ -60,19 +68,10 @@ def _rotate_pairs(ct, cb, st, sb, at, ab):
     tau = jnp.where(g != 0, sgn * 2.0 * jnp.abs(g) / jnp.where(den > 0, den, 1.0), 0.0)
     t = r * tau
     cs = 1.0 / jnp.sqrt(1.0 + t * t)
-    new_i = cs[:, None] * (ci - (r * t)[:, None] * cj)  # scale s_i
-    new_j = cs[:, None] * (tau[:, None] * ci + cj)  # scale s_j
-    cos = jnp.where(b > 0, jnp.abs(g) / jnp.sqrt(jnp.where(a * b > 0, a * b, 1.0)), 0.0)
-    ai, aj = jnp.where(swap, ab, at), jnp.where(swap, at, ab)
-    sn = (cs * t)[:, None]
-    acc_i, acc_j = cs[:, None] * ai - sn * aj, sn * ai + cs[:, None] * aj
-    return (
-        jnp.where(swap, new_j, new_i),
-        jnp.where(swap, new_i, new_j),
-        jnp.where(swap, acc_j, acc_i),
-        jnp.where(swap, acc_i, acc_j),
-        jnp.max(cos),
-    )
+    u = jnp.where(swap, tau, -r * t)[:, None]
+    v = jnp.where(swap, -r * t, tau)[:, None]
+    cs = cs[:, None]
+    return cs * (ct + u * cb), cs * (v * ct + cb)
 
 
 def _next_arrangement(top: jax.Array, bottom: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,91 +86,94 @@ def _next_arrangement(top: jax.Array, bottom: jax.Array) -> tuple[jax.Array, jax
     )
 
 
-def sweep(c: jax.Array, s: jax.Array, acc: jax.Array | None = None):
-    """One full sweep (every pair once, m - 1 vectorized rounds), then renormalization.
-
-    Returns (c, s, the largest pair cosine met during the sweep, acc): `acc` (m, k) has its rows
-    rotated by the same rotations (pass the identity to get V^T of X V), or is None.
-    """
+def sweep(c: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One full sweep (every pair once, m - 1 vectorized rounds), then renormalization."""
     m0 = c.shape[0]
-    track = acc is not None
-    acc = acc if track else jnp.zeros((m0, 0), c.dtype)
     if m0 % 2:  # a bye for the round robin: a zero row of scale -inf never rotates
         c = jnp.concatenate([c, jnp.zeros((1, c.shape[1]), c.dtype)])
         s = jnp.concatenate([s, jnp.full((1,), -jnp.inf, s.dtype)])
-        acc = jnp.concatenate([acc, jnp.zeros((1, acc.shape[1]), acc.dtype)])
     m = c.shape[0]
     h = m // 2
 
     def body(carry, _):
-        ct, cb, st, sb, at, ab, off = carry
-        ct, cb, at, ab, cos = _rotate_pairs(ct, cb, st, sb, at, ab)
+        ct, cb, st, sb = carry
+        ct, cb = _rotate_pairs(ct, cb, st, sb)
         ct, cb = _next_arrangement(ct, cb)
         st, sb = _next_arrangement(st, sb)
-        at, ab = _next_arrangement(at, ab)
-        return (ct, cb, st, sb, at, ab, jnp.maximum(off, cos)), None
+        return (ct, cb, st, sb), None
 
-    carry = (c[:h], c[h:], s[:h], s[h:], acc[:h], acc[h:], jnp.zeros((), c.dtype))
-    (ct, cb, _, _, at, ab, off), _ = lax.scan(body, carry, None, length=m - 1)
-    c, acc = jnp.concatenate([ct, cb]), jnp.concatenate([at, ab])  # arrangement is back home
-    c, s = renormalize(c[:m0], s[:m0])
-    return c, s, off, (acc[:m0] if track else None)
+    (ct, cb, _, _), _ = lax.scan(body, (c[:h], c[h:], s[:h], s[h:]), None, length=m - 1, unroll=2)
+    c = jnp.concatenate([ct, cb])  # the arrangement is back home
+    return renormalize(c[:m0], s[:m0])
+
+
+def max_cosine(c: jax.Array) -> jax.Array:
+    """Largest |cos| between two rows of c (rows of unit norm or zero), by one Gram product."""
+    g = jnp.abs(c @ c.T)
+    return jnp.max(jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, g))
 
 
 def orthogonalize(
-    c: jax.Array,
-    s: jax.Array,
-    *,
-    tol: float | None = None,
-    max_sweeps: int = 30,
-    min_sweeps: int = 1,
-    acc: jax.Array | None = None,
-):
-    """Sweep until every pair's cosine is below `tol` (default 8 m eps).
+    c: jax.Array, s: jax.Array, *, tol: float | None = None, max_sweeps: int = 30
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sweep until every pair's cosine is below `tol` (default 8 m eps); c must be renormalized.
 
-    Returns (c, s, sweeps) or, with an accumulator `acc`, (c, s, sweeps, acc rotated likewise).
+    Returns (c, s, sweeps); zero sweeps when c is already orthogonal to `tol`.
     """
     m = c.shape[0]
     if tol is None:
         tol = 8.0 * m * float(jnp.finfo(c.dtype).eps)
 
-    track = acc is not None
-    acc0 = acc if track else jnp.zeros((m, 0), c.dtype)
-
     def cond(state):
-        _, _, _, off, k = state
-        return ((off > tol) | (k < min_sweeps)) & (k < max_sweeps)
+        _, _, off, k = state
+        return (off > tol) & (k < max_sweeps)
 
     def body(state):
-        c, s, acc, _, k = state
-        c, s, off, acc = sweep(c, s, acc)
-        return c, s, acc, off, k + 1
+        c, s, _, k = state
+        c, s = sweep(c, s)
+        return c, s, max_cosine(c), k + 1
 
-    c, s, acc, _, k = lax.while_loop(cond, body, (c, s, acc0, jnp.asarray(jnp.inf, c.dtype), 0))
-    return (c, s, k, acc) if track else (c, s, k)
+    c, s, _, k = lax.while_loop(cond, body, (c, s, max_cosine(c), 0))
+    return c, s, k
 
 
-def qr_step(y: jax.Array, s: jax.Array, *, tol: float | None = None) -> tuple[jax.Array, jax.Array]:
-    """Re-orthogonalize X = y^T diag(exp(s)) with QR preconditioning (Drmac & Veselic 2008).
+def _grade(s: jax.Array) -> jax.Array:
+    """exp(min(s_j - s_i, 0)) (1 on the diagonal, 0 where a scale is -inf)."""
+    d = s[None, :] - s[:, None]
+    finite = jnp.isfinite(s)[:, None] & jnp.isfinite(s)[None, :]
+    grade = jnp.where(finite, jnp.exp(jnp.minimum(jnp.where(finite, d, 0.0), 0.0)), 0.0)
+    return jnp.where(jnp.eye(s.shape[0], dtype=bool), 1.0, grade)
 
-    y: (m, n) rows (any norms), s: (m,) log-scales. Returns (c, s') with orthonormal rows c and
-    X V = c^T diag(exp(s')) for an orthogonal V, i.e. exp(s') are the singular values of X.
 
-    Rows sorted by scale, y^T = Q R (Householder), so X = Q R diag(exp(s)) = Q M. The rows of the
-    triangular M are graded: row i is exp(s_i) (R_ij exp(s_j - s_i))_j with every factor <= 1, so
-    M^T is exactly the log-scaled column form, and when the scales are graded its columns are
-    already nearly orthogonal: Jacobi on it converges in one or two sweeps instead of ten.
-    With M^T V' = C^T S: M = V' S C, X C^T = (Q V') S, so the new rows are (Q V')^T = V'^T Q^T.
+def precondition(y: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """X = y^T diag(exp(s)) as X W = q c^T diag(exp(s')), W orthogonal, by QR then LQ.
+
+    y: (m, n) rows (any norms), s: (m,) log-scales. Returns q (n, m) with orthonormal columns,
+    c (m, m) with unit (or zero) rows, and s'. The rows of c are nearly orthogonal where the
+    scales are well separated (their cosines decay like exp(-|s'_i - s'_j|)).
+
+    Rows sorted by scale, y^T = Q R, so X = Q R diag(exp(s)) = Q diag(exp(s1)) K, K_ij =
+    R_ij exp(s_j - s_i) / ||row i|| <= |R_ij| (row-graded). Rows re-sorted by s1 and K^T = Q2 R2:
+    K = R2^T Q2^T, X Q2 = Q diag(exp(s1)) R2^T, whose column j is exp(s1_j) times
+    (R2_ji exp(s1_i - s1_j))_i, bounded: column-graded, the form Jacobi works on.
     """
-    m = y.shape[0]
     order = jnp.argsort(-s)
     y, s = y[order], s[order]
     q, r = jnp.linalg.qr(y.T)  # q (n, m), r (m, m)
-    d = s[None, :] - s[:, None]  # s_j - s_i: <= 0 above the diagonal after sorting
-    finite = jnp.isfinite(s)[:, None] & jnp.isfinite(s)[None, :]
-    grade = jnp.where(finite, jnp.exp(jnp.minimum(d, 0.0)), 0.0)
-    grade = jnp.where(jnp.eye(m, dtype=bool), 1.0, grade)
-    c = jnp.triu(r * grade)
-    c, s = renormalize(c, s)
-    c, s, _, acc = orthogonalize(c, s, tol=tol, acc=jnp.eye(m, dtype=y.dtype))
-    return acc @ q.T, s
+    k, s1 = renormalize(jnp.triu(r * _grade(s)), s)
+    order = jnp.argsort(-s1)
+    k, s1, q = k[order], s1[order], q[:, order]
+    _, r2 = jnp.linalg.qr(k.T)
+    c, s2 = renormalize(jnp.triu(r2 * _grade(s1)), s1)
+    return q, c, s2
+
+
+def qr_step(y: jax.Array, s: jax.Array, *, tol: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Re-orthogonalize X = y^T diag(exp(s)): QR + LQ preconditioning, then Jacobi to `tol`.
+
+    y: (m, n) rows (any norms), s: (m,) log-scales. Returns (rows, s') with orthonormal rows and
+    X V = rows^T diag(exp(s')) for an orthogonal V, i.e. exp(s') are the singular values of X.
+    """
+    q, c, s = precondition(y, s)
+    c, s, _ = orthogonalize(c, s, tol=tol)
+    return c @ q.T, s

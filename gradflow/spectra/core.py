@@ -8,12 +8,14 @@ states:
 
 Method ("exact"): the product is carried as M V = C^T diag(exp(s)) for an orthogonal V (unknown,
 never needed): C has near-unit rows, s natural-log scales. Each layer applies A_l to the rows of C
-with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), folds the row norms into s, and
-re-orthogonalizes with one-sided Jacobi in log-scaled form (`_jacobi`). At a requested depth the
-sweeps run to convergence and log sigma = sorted s. Nothing is formed at the scale of the product,
-so sigma = 1e-600 or 1e+600 is as accurate as sigma = 1, and the Jacobi step keeps high relative
-accuracy for the smallest singular values (Demmel & Veselic 1992) where SVD of the accumulated
-product loses everything below eps * sigma_max.
+with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-orthogonalizes the
+result in log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then
+LQ of the graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix
+whose columns one-sided Jacobi sweeps orthogonalize, until a Gram product shows every cosine below
+`tol`; log sigma = sorted s. Nothing is formed at the scale of the product, so sigma = 1e-600 or
+1e+600 is as accurate as sigma = 1, and the Jacobi step keeps high relative accuracy for the
+smallest singular values (Demmel & Veselic 1992) where SVD of the accumulated product loses
+everything below eps * sigma_max.
 
 Accuracy: the error in log sigma_i grows like eps * sum_l cond(A_l) (rounding in each factor), not
 like the spread of the product: spreads of 1e60 or 1e600 are resolved in float32. What no working
@@ -30,6 +32,7 @@ O((k + oversample) N + L N), never N x N.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +47,23 @@ from gradflow.spectra.result import SpectraResult
 Step = Callable[[Any, jax.Array], jax.Array]
 METHODS = ("exact", "topk")
 DIRECTIONS = ("forward", "backward")
+
+
+@functools.lru_cache(maxsize=256)
+def _lift(step: Step) -> Callable[[Any, Any, jax.Array], jax.Array]:
+    """step as (shared, params_l, h) -> h with nothing shared; cached, so jit sees one function."""
+    return lambda shared, p, h: step(p, h)
+
+
+@functools.lru_cache(maxsize=256)
+def _walk_step(model: Any, train: bool) -> Callable[[Any, Any, jax.Array], jax.Array]:
+    """A model's walk step with its variables and input as traced arguments, not closed over.
+
+    `model.walk(...)` returns a fresh closure on every call, so passing `walk.step` to a jitted
+    function recompiles each time; this function is the same for equal (hashable) models, so the
+    compiled program is reused across calls with new variables or inputs of the same shapes.
+    """
+    return lambda shared, p, h: model.walk(shared[0], shared[1], train=train).step(p, h)
 
 
 @functools.lru_cache(maxsize=256)
@@ -131,7 +151,13 @@ def log_singular_values(
     (backward; the last row is G_L = I). No argument checks: use `jacobian_spectra` at API
     boundaries and this under `jax.vmap` over inputs, seeds or configurations.
     """
-    flat = _flat_step(step, tuple(h0.shape))
+    return _exact(_lift(step), None, params, h0, direction=direction, tol=tol)
+
+
+def _exact(step3, shared, params, h0, *, direction, tol):
+    """log_singular_values for step3(shared, params_l, h), shared traced (see `_walk_step`)."""
+    shape = tuple(h0.shape)
+    flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
     points = _states(flat, params, h0.reshape(-1))
     if direction == "forward":
         return _walk_products(flat, params, points, False, tol)
@@ -142,7 +168,7 @@ def log_singular_values(
     return jnp.concatenate([logs_rev[:-1][::-1], identity])
 
 
-_log_singular_values = jax.jit(log_singular_values, static_argnames=("step", "direction", "tol"))
+_exact_jit = jax.jit(_exact, static_argnames=("step3", "direction", "tol"))
 
 
 def jacobian_spectra(
@@ -178,6 +204,24 @@ def jacobian_spectra(
       SpectraResult with `.depths` (len D) and `.log_singular_values` (D, k), natural log, sorted
       descending; -inf marks an exactly zero singular value (e.g. dead ReLU units).
     """
+    return _spectra(
+        _lift(step),
+        None,
+        params,
+        h0,
+        depths=depths,
+        method=method,
+        k=k,
+        direction=direction,
+        oversample=oversample,
+        refine=refine,
+        key=key,
+        tol=tol,
+    )
+
+
+def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversample, refine, key, tol):
+    """`jacobian_spectra` for step3(shared, params_l, h) (see `_lift`, `_walk_step`)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if direction not in DIRECTIONS:
@@ -200,9 +244,10 @@ def jacobian_spectra(
     if method == "exact":
         if direction == "forward":  # layers past the deepest requested one are never needed
             params = _truncate(params, int(wanted.max()))
-        logs = _log_singular_values(step, params, h0, direction=direction, tol=tol)[wanted - 1]
+        logs = _exact_jit(step3, shared, params, h0, direction=direction, tol=tol)[wanted - 1]
     else:
-        flat = _flat_step(step, tuple(h0.shape))
+        shape = tuple(h0.shape)
+        flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
         points = _states(flat, params, h0.reshape(-1))
         key = jax.random.key(0) if key is None else key
         logs = _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol)
@@ -322,4 +367,11 @@ def model_spectra(
     if not hasattr(model, "walk"):
         raise ValueError(f"{type(model).__name__} has no layer-walking interface (walk method)")
     walk = model.walk(variables, x, train=train)
-    return jacobian_spectra(walk.step, walk.params, walk.h0, **options)
+    args = inspect.signature(jacobian_spectra).bind(walk.step, walk.params, walk.h0, **options)
+    args.apply_defaults()
+    kwargs = {name: v for name, v in args.arguments.items() if name not in ("step", "params", "h0")}
+    try:
+        step3, shared = _walk_step(model, train), (variables, x)
+    except TypeError:  # an unhashable model: its fresh closure (recompiles on every call)
+        step3, shared = _lift(walk.step), None
+    return _spectra(step3, shared, walk.params, walk.h0, **kwargs)
