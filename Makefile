@@ -1,16 +1,19 @@
-# The README's two commands: `make demo` (main job) and `make test`. Both set up .venv themselves.
+# The README's two commands: `make atlas` (the main job) and `make test`. Both set up .venv themselves.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: atlas demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+atlas: $(STAMP)
+	$(BIN)/gradflow atlas --out runs/atlas
 
 demo: $(STAMP)
 	$(BIN)/python -m gradflow.demo --out runs/demo

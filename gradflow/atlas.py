@@ -53,7 +53,8 @@ ISOMETRIC_SPREAD = 16.0
 VERDICT_RULE = (
     "vanishing if the RMS singular value of the end-to-end Jacobian at init is below 1e-2, or the "
     "first layer's gradient is below 1e-2 of the last layer's; exploding if either is above 1e2 "
-    "(the Jacobian decides when they disagree); otherwise healthy, 'near-isometric' when all "
+    "(the Jacobian decides when they disagree), or when the forward activations themselves "
+    "overflow float32; otherwise healthy, 'near-isometric' when all "
     "singular values lie within a factor e^16 of each other, else 'spreads' (dead ReLU units "
     "make the spread infinite). Recurrent nets are judged by the largest singular value through "
     "time, the direction a gradient can still come back along."
@@ -207,12 +208,14 @@ def mean_field_rate(case: Case, width: int) -> float | None:
     return float(jnp.log(theory.chi1(case.activation, sigma_w(case.activation, case.init, width), 0.0)))
 
 
-def verdict(log_rms: float, log_grad_ratio: float | None, log_spread: float) -> str:
+def verdict(log_rms: float, log_grad_ratio: float | None, log_spread: float, overflow: bool = False) -> str:
     """The label of a configuration from its numbers.
 
     log_rms: log of the RMS singular value of the end-to-end Jacobian at init (1/2 log mean
     sigma^2); log_grad_ratio: log of first-layer / last-layer gradient norm in training (or
-    through time); log_spread: log sigma_max / sigma_min.
+    through time); log_spread: log sigma_max / sigma_min; overflow: the forward pass itself
+    left float32's range (inf/nan activations), so the Jacobian there is meaningless.
+    - "exploding (activations overflow)" if overflow;
     - "vanishing" if the RMS singular value is below 1e-2, or the first layer's gradient is
       below 1e-2 of the last layer's (a factor 100 over the depth);
     - "exploding" if either is above 1e2;
@@ -222,6 +225,8 @@ def verdict(log_rms: float, log_grad_ratio: float | None, log_spread: float) -> 
       stays within e^12; dead ReLU units make the spread infinite.
     The Jacobian decides when the two disagree.
     """
+    if overflow:
+        return "exploding (activations overflow)"
     g = log_grad_ratio if log_grad_ratio is not None and math.isfinite(log_grad_ratio) else 0.0
     if log_rms < -_LOG100 or (log_rms <= _LOG100 and g < -_LOG100):
         return "vanishing"
@@ -259,15 +264,24 @@ def _finite_spread(logs: np.ndarray) -> float:
 def _spectra_group(
     model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
 ) -> np.ndarray:
-    """Per-layer log singular values (S, L, N) for each weight scale, one vmapped call."""
+    """Per-layer log singular values (S, L, N) for each weight scale, one vmapped call, and
+    whether each forward pass stayed finite (S,)."""
     walk = model.walk(variables, x_spec if bn else x_spec[0], train=bn)
 
     def one(scale):
         p = dict(walk.params)
         p["params"] = scale_kernels(p["params"], scale)
-        return spectra.log_singular_values(walk.step, p, walk.h0)
 
-    return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(scales, walk.h0.dtype)))
+        def fwd(carry, p_l):
+            h, ok = carry
+            h = walk.step(p_l, h)
+            return (h, ok & jnp.all(jnp.isfinite(h))), None
+
+        (_, finite), _ = jax.lax.scan(fwd, (walk.h0, jnp.asarray(True)), p)
+        return spectra.log_singular_values(walk.step, p, walk.h0), finite
+
+    logs, finite = jax.jit(jax.vmap(one))(jnp.asarray(scales, walk.h0.dtype))
+    return np.asarray(logs), np.asarray(finite)
 
 
 def _measure_group(group: list[Case], cfg: AtlasConfig, ds: data.Dataset) -> tuple[list[dict], dict]:
@@ -283,10 +297,10 @@ def _measure_group(group: list[Case], cfg: AtlasConfig, ds: data.Dataset) -> tup
         **({"batch_stats": variables.batch_stats} if variables.batch_stats else {}),
     }
     bn = head.arch == "batchnorm"
-    logs = _spectra_group(model, variables, x_train[: cfg.spectra_batch], scales, bn)  # (S, L, N)
+    logs, finite = _spectra_group(model, variables, x_train[: cfg.spectra_batch], scales, bn)
 
     if cfg.epochs == 0:
-        return _rows(group, cfg, scales, logs, None), {
+        return _rows(group, cfg, scales, logs, finite, None), {
             f"{c.name}/log_sv": logs[j] for j, c in enumerate(group)
         }
     tcfg = TrainConfig(
@@ -296,16 +310,21 @@ def _measure_group(group: list[Case], cfg: AtlasConfig, ds: data.Dataset) -> tup
     hp = Hparams(seed=[cfg.seed] * n, lr=[cfg.lr] * n, weight_scale=scales, clip_value=[1.0] * n)
     arrays = (ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     with np.errstate(all="ignore"):
-        res = sweep(model, tcfg, arrays, hp, shard=False)
+        res = sweep(model, tcfg, arrays, hp)  # sharded over jax.devices() when there are several
     arrays_out = {f"{c.name}/log_sv": logs[j] for j, c in enumerate(group)}
     arrays_out.update(
         {f"{c.name}/grad_norm": np.asarray(res.epochs["grad_norm"][j]) for j, c in enumerate(group)}
     )
-    return _rows(group, cfg, scales, logs, res.epochs), arrays_out
+    return _rows(group, cfg, scales, logs, finite, res.epochs), arrays_out
 
 
 def _rows(
-    group: list[Case], cfg: AtlasConfig, scales: np.ndarray, logs: np.ndarray, epochs: dict | None
+    group: list[Case],
+    cfg: AtlasConfig,
+    scales: np.ndarray,
+    logs: np.ndarray,
+    finite: np.ndarray,
+    epochs: dict | None,
 ) -> list[dict]:
     bn = group[0].arch == "batchnorm"
     rows = []
@@ -339,7 +358,8 @@ def _rows(
             "diverged": diverged,
             "spectra_map": f"batch map (B={cfg.spectra_batch})" if bn else "per example",
         }
-        row["label"] = verdict(log_rms, ratio, row["log_spread"])
+        row["forward_finite"] = bool(finite[j])
+        row["label"] = verdict(log_rms, ratio, row["log_spread"], overflow=not finite[j])
         rows.append(row)
     return rows
 

@@ -107,3 +107,13 @@ def test_default_grid_covers_every_axis_value():
     assert len(atlas._groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
     full, _ = atlas.cases(atlas.AtlasConfig(grid="full"))
     assert len(full) == 7 * 6 * 4 * 3
+
+
+def test_verdict_rule():
+    assert atlas.verdict(-10.0, None, 5.0) == "vanishing"
+    assert atlas.verdict(0.0, -6.0, 5.0) == "vanishing"  # gradients die even though J looks fine
+    assert atlas.verdict(10.0, 0.0, 5.0) == "exploding"
+    assert atlas.verdict(-10.0, 6.0, 5.0) == "vanishing"  # the Jacobian decides a disagreement
+    assert atlas.verdict(0.0, 0.0, 5.0) == "healthy (near-isometric)"
+    assert atlas.verdict(0.0, 0.0, math.inf) == "healthy (spreads)"
+    assert atlas.verdict(float("-inf"), None, math.inf, overflow=True) == "exploding (activations overflow)"
