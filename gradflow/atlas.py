@@ -18,9 +18,11 @@ finished group, and a rerun with the same config skips what is already there.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,12 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradflow import data, initializers, spectra, theory
 from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
 from gradflow.optim import OptimConfig
-from gradflow.train import Hparams, TrainConfig, init_state, run_keys, scale_kernels, sweep
+from gradflow.train import Hparams, TrainConfig, run_keys, scale_kernels, sweep
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
 INITS = ("naive_small", "naive_large", "glorot", "he", "orthogonal", "critical")
@@ -262,13 +263,15 @@ def _finite_spread(logs: np.ndarray) -> float:
 
 
 def _spectra_group(
-    model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
-) -> np.ndarray:
-    """Per-layer log singular values (S, L, N) for each weight scale, one vmapped call, and
-    whether each forward pass stayed finite (S,)."""
-    walk = model.walk(variables, x_spec if bn else x_spec[0], train=bn)
+    model: MLPStack, key: jax.Array, x_init: jax.Array, x_spec: jax.Array, scales: np.ndarray, bn: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer log singular values (S, L, N) at initialization for each weight scale, and
+    whether each forward pass stayed finite (S,): initialization, walk and spectra in one
+    compiled, vmapped call (the initialization is `init_state`'s, so it is the trained one)."""
 
     def one(scale):
+        variables = model.init({"params": key, "dropout": key}, x_init)
+        walk = model.walk(variables, x_spec if bn else x_spec[0], train=bn)
         p = dict(walk.params)
         p["params"] = scale_kernels(p["params"], scale)
 
@@ -280,7 +283,7 @@ def _spectra_group(
         (_, finite), _ = jax.lax.scan(fwd, (walk.h0, jnp.asarray(True)), p)
         return spectra.log_singular_values(walk.step, p, walk.h0), finite
 
-    logs, finite = jax.jit(jax.vmap(one))(jnp.asarray(scales, walk.h0.dtype))
+    logs, finite = jax.jit(jax.vmap(one))(jnp.asarray(scales, x_spec.dtype))
     return np.asarray(logs), np.asarray(finite)
 
 
@@ -290,14 +293,10 @@ def _measure_group(group: list[Case], cfg: AtlasConfig, ds: data.Dataset) -> tup
     model = _model(head, cfg.width)
     scales = np.asarray([sigma_w(c.activation, c.init, cfg.width) for c in group], np.float32)
     init_key, _ = run_keys(cfg.seed)
+    params_key, _ = jax.random.split(init_key)  # as `init_state` splits it
     x_train = jnp.asarray(ds.x_train[: cfg.batch_size])
-    variables = init_state(model, optax.identity(), init_key, x_train)
-    variables = {
-        "params": variables.params,
-        **({"batch_stats": variables.batch_stats} if variables.batch_stats else {}),
-    }
     bn = head.arch == "batchnorm"
-    logs, finite = _spectra_group(model, variables, x_train[: cfg.spectra_batch], scales, bn)
+    logs, finite = _spectra_group(model, params_key, x_train, x_train[: cfg.spectra_batch], scales, bn)
 
     if cfg.epochs == 0:
         return _rows(group, cfg, scales, logs, finite, None), {
@@ -442,6 +441,12 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
     return row, {f"{case.name}/log_sv": logs, f"{case.name}/grad_norm": gnorm}
 
 
+def _workers() -> int:
+    """Groups measured concurrently: one per CPU core (at most 4), or GRADFLOW_ATLAS_WORKERS."""
+    env = os.environ.get("GRADFLOW_ATLAS_WORKERS")
+    return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
+
+
 def _groups(ff: list[Case]) -> list[list[Case]]:
     """Cases that share a compiled program: same activation, arch, depth and weight family."""
     out: dict[tuple, list[Case]] = {}
@@ -514,15 +519,21 @@ def run(
                 on_row(row)
             bar.update(task, advance=1, description=f"atlas: {row['name']} -> {row['label']}")
 
-        for i, group in enumerate(groups):
-            if all(c.name in done for c in group):
-                for c in group:
-                    emit(done[c.name])
-                continue
-            group_rows, arrays = _measure_group(group, cfg, ds)
-            np.savez_compressed(out / "arrays" / f"ff_{i:03d}.npz", **arrays)
-            for row in group_rows:
-                emit(row)
+        # XLA compiles one program per group and most of the atlas's time is compilation, which
+        # releases the GIL: groups run in a small thread pool so every core compiles. Results
+        # are emitted (and written) in grid order as each group finishes.
+        todo = [(i, g) for i, g in enumerate(groups) if not all(c.name in done for c in g)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_workers()) as pool:
+            futures = {i: pool.submit(_measure_group, g, cfg, ds) for i, g in todo}
+            for i, group in enumerate(groups):
+                if i not in futures:
+                    for c in group:
+                        emit(done[c.name])
+                    continue
+                group_rows, arrays = futures[i].result()
+                np.savez_compressed(out / "arrays" / f"ff_{i:03d}.npz", **arrays)
+                for row in group_rows:
+                    emit(row)
         for i, case in enumerate(rec):
             if case.name in done:
                 emit(done[case.name])
