@@ -34,6 +34,7 @@ import numpy as np
 
 from gradflow import data, initializers, spectra, theory
 from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
+from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
 from gradflow.train import Hparams, TrainConfig, run_keys, scale_kernels, sweep
 
@@ -415,7 +416,7 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
 
     eps = jnp.zeros((case.seq_len, *walk.h0.shape), walk.h0.dtype)
     g = jax.grad(loss)(eps)
-    gnorm = np.asarray(jnp.sqrt(jnp.sum(g.reshape(case.seq_len, -1) ** 2, axis=1)))
+    gnorm = np.asarray(jax.vmap(stable_norm)(g.reshape(case.seq_len, -1)))  # no underflow at 1e-19
     with np.errstate(all="ignore"):
         ratio = float(np.log(gnorm[0] / gnorm[-1])) if gnorm[-1] > 0 else None
     end = logs[-1]
