@@ -37,7 +37,12 @@ def _init(model, x):
     return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
 
 
-@pytest.mark.parametrize("kw", VARIANTS, ids=str)
+def _variant_id(kw):
+    """A stable test id (no memory addresses: pytest-xdist workers must collect the same ids)."""
+    return ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in kw.items()) or "default"
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=_variant_id)
 def test_shapes_dtypes_and_stacked_depth_axis(kw, x):
     model = MLPStack(depth=L, width=W, **kw)
     v = _init(model, x)
@@ -54,7 +59,7 @@ def v_no_head(v):
     return {**v, "params": {k: p for k, p in v["params"].items() if k != "head"}}
 
 
-@pytest.mark.parametrize("kw", VARIANTS, ids=str)
+@pytest.mark.parametrize("kw", VARIANTS, ids=_variant_id)
 def test_scan_over_depth_equals_unrolled_python_loop(kw, x):
     model = MLPStack(depth=L, width=W, **kw)
     v = _init(model, x)
