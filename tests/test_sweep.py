@@ -116,3 +116,12 @@ def test_sharded_sweep_equals_unsharded_on_eight_host_devices():
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sweep_tanh50_script_writes_one_heatmap_per_run(load_experiment, tmp_path):
+    script = load_experiment("sweep_tanh50")
+    result = script.main(epochs=1, width=8, depth=3, num_samples=500, out=tmp_path)
+    assert result.epochs["grad_norm"].shape == (32, 1, 3)  # 8 lr x 4 seeds, epochs, layers
+    assert np.isfinite(result.epochs["grad_norm"][:8]).all()  # the smallest lr trains finitely
+    assert (tmp_path / "grad_norms.png").stat().st_size > 0

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gradflow.optim import make_optimizer
 from gradflow.train.diagnostics import NONFINITE_KINDS, layer_names
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
+from gradflow.train.sweep import sweep_optimizer
 
 Data = tuple[Any, Any, Any, Any]
 
@@ -209,9 +209,25 @@ _summarize = jax.jit(summarize_epoch)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
-def _run_epoch(state: TrainState, batches: Any, done: Any, *, model: nn.Module, cfg: TrainConfig):
-    # Cached on (model, cfg): runs that differ only in seed or epochs share one compiled epoch.
-    return make_train_epoch(model, make_optimizer(cfg.optim), cfg)(state, batches, done)
+def _run_epoch(
+    state: TrainState,
+    batches: Any,
+    done: Any,
+    lr: Any,
+    clip_value: Any,
+    *,
+    model: nn.Module,
+    cfg: TrainConfig,
+):
+    # Cached on (model, cfg) with seed, epochs, lr and clip_value blanked (they are arguments or
+    # unused here): runs that differ only in those share one compiled epoch.
+    return make_train_epoch(model, sweep_optimizer(cfg.optim, lr, clip_value), cfg)(state, batches, done)
+
+
+def _static(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with what the compiled epoch takes as an argument (or never reads) blanked."""
+    optim = dataclasses.replace(cfg.optim, lr=1.0, clip_value=1.0)
+    return dataclasses.replace(cfg, seed=0, epochs=1, optim=optim)
 
 
 def train(
@@ -246,11 +262,14 @@ def train(
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     if x_train.shape[0] < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
-    tx = make_optimizer(cfg.optim)
+    # The optimizer of a sweep run (`sweep_optimizer`): lr and clip_value enter as arguments.
+    lr, clip_value = jnp.float32(cfg.optim.lr), jnp.float32(cfg.optim.clip_value)
+    tx = sweep_optimizer(cfg.optim, lr, clip_value)
     init_key, data_key = run_keys(cfg.seed)
     state = init_state(model, tx, init_key, x_train[: cfg.batch_size])
     names = layer_names(state.params)
-    epoch_fn = functools.partial(_run_epoch, model=model, cfg=dataclasses.replace(cfg, seed=0, epochs=1))
+    static = _static(cfg)
+    epoch_fn = functools.partial(_run_epoch, lr=lr, clip_value=clip_value, model=model, cfg=static)
     has_test = x_test is not None
     x_test = jnp.asarray(x_test) if has_test else None
     y_test = jnp.asarray(y_test) if has_test else None
@@ -277,7 +296,7 @@ def train(
             state, metrics = epoch_fn(state, batches, done)
             summary = jax.device_get(_summarize(metrics))
             done = bool(summary["done"])
-            test = jax.device_get(evaluate(model, state, x_test, y_test, cfg)) if has_test else {}
+            test = jax.device_get(evaluate(model, state, x_test, y_test, static)) if has_test else {}
             rec = _record(epoch, summary, test, names, time.perf_counter() - t0)
             history.append(rec)
             if store is not None:
@@ -304,7 +323,9 @@ def train(
             break
     test = {}
     if has_test:
-        test = {k: float(v) for k, v in jax.device_get(evaluate(model, state, x_test, y_test, cfg)).items()}
+        test = {
+            k: float(v) for k, v in jax.device_get(evaluate(model, state, x_test, y_test, static)).items()
+        }
     return Result(
         state=state,
         history=history,

@@ -8,12 +8,20 @@ update, apply_updates, BatchNorm statistics through `mutable=["batch_stats"]`, d
 - a finiteness check of the loss, the gradients and the new parameters, every step; a step
   that fails it does not apply its update (parameters, BatchNorm statistics and optimizer
   state are kept; `step` still advances) and reports where the NaN/Inf first appeared
-  (`gradflow.train.diagnostics.locate_nonfinite`, run only on such a step, under `lax.cond`);
-- the per-layer diagnostics (`gradflow.train.diagnostics.step_diagnostics`) under
-  `lax.cond(step % k == 0)`, NaN on the other steps (`recorded` says which). The gradient with
-  respect to each block's pre-activation comes from the same backward pass, through flax's
-  `perturb` ("perturbations" collection of zeros); the pre-activations from `sow`
-  ("intermediates"). With `diagnostics_every=0` neither collection is used.
+  (`gradflow.train.diagnostics.locate_nonfinite`, under `lax.cond`: run only on such a step; it
+  recomputes the forward pass to see the pre-activations);
+- the per-layer diagnostics (`gradflow.train.diagnostics.step_diagnostics`) on steps with
+  step % k == 0, NaN on the other steps (`recorded` says which). Recording and plain steps are
+  two code paths chosen by `lax.cond`: a plain step is the hand-written step plus the check; a
+  recording step takes the gradient with respect to each block's pre-activation from the same
+  backward pass, through flax's `perturb` ("perturbations" collection of zeros), and the
+  pre-activations from `sow` ("intermediates"). With `diagnostics_every=0` only the plain path
+  is compiled; with 1 only the recording one.
+
+Under `jax.vmap` a `lax.cond` on a per-run predicate runs both branches. Sweeps pass the vmap
+axis name (`axis_name`): the recording predicate is then taken from the shared step count
+(`lax.pmax`) and the locator runs when any run of the axis has a non-finite step (`lax.psum`), so
+both stay real branches.
 
 Metrics of a step (a dict of arrays; per-layer entries have shape (L,)): loss, accuracy
 (classification), step, finite, skipped (update not applied), nonfinite_layer,
@@ -76,72 +84,121 @@ def _variables(params: Any, batch_stats: Any, perturbations: Any = None) -> dict
     return variables
 
 
+def _shared(value: jax.Array, axis_name: str | None, reduce: Callable) -> jax.Array:
+    """`value`, reduced over the vmap axis `axis_name` if there is one (an unbatched scalar)."""
+    return value if axis_name is None else reduce(value, axis_name)
+
+
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, cfg: TrainConfig
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    cfg: TrainConfig,
+    *,
+    axis_name: str | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """The pure training step of `model` under `optimizer` (see the module docstring).
 
     Args:
       model: a linen module, `model.apply(variables, x, train=True)`.
       optimizer: an optax transformation (e.g. `make_optimizer(cfg.optim)`).
       cfg: the training config (`task`, `diagnostics_every`; `on_nonfinite` acts in the epoch).
+      axis_name: the name of the `jax.vmap` axis the step is mapped over, if any (runs of a
+        sweep). Branch choices (recording step, non-finite location) are then made once for
+        the whole axis (`lax.pmax` / `lax.psum`), so they stay real branches; without it a
+        vmapped `lax.cond` on a per-run predicate runs both branches.
 
     Returns:
-      `train_step(state, (x_BxD, y_B)) -> (state, metrics)`; pure, jit it outside.
+      `train_step(state, (x_BxD, y_B), done=False) -> (state, metrics)`; pure, jit it outside.
+      `done=True` makes the step a no-op on the state (the stopped runs of an epoch).
     """
     k = cfg.diagnostics_every
-    diag = k > 0
     phi = dg.activation_fn(model)
+    shapes: dict = {}
 
-    def loss_fn(params, perturbations, batch_stats, x, y, key):
-        mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if diag else [])
-        out, new_vars = model.apply(
-            _variables(params, batch_stats, perturbations),
-            x,
-            train=True,
-            rngs={"dropout": key},
-            mutable=mutable,
-        )
+    def apply(params, batch_stats, x, key, perturbations=None, sow=False):
+        mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if sow else [])
+        variables = _variables(params, batch_stats, perturbations)
+        return model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
+
+    def plain_loss(params, batch_stats, x, y, key):
+        out, new_vars = apply(params, batch_stats, x, key)
         loss, extra = task_loss(out, y, cfg.task)
-        return loss, (out, new_vars, extra)
+        return loss, (new_vars, extra)
 
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    def diag_loss(params, perturbations, batch_stats, x, y, key):
+        out, new_vars = apply(params, batch_stats, x, key, perturbations, sow=True)
+        loss, extra = task_loss(out, y, cfg.task)
+        return loss, (new_vars, extra)
 
     def zero_perturbations(params, batch_stats, x, key):
-        def shapes(params, batch_stats, x, key):
-            mutable = ["perturbations"] + (["batch_stats"] if batch_stats else [])
-            _, new = model.apply(
-                _variables(params, batch_stats), x, train=True, rngs={"dropout": key}, mutable=mutable
-            )
-            return new.get("perturbations", {})
+        # The "perturbations" tree of this input shape, traced once (an extra abstract apply).
+        cache_key = (x.shape, x.dtype)
+        if cache_key not in shapes:
 
-        struct = jax.eval_shape(shapes, params, batch_stats, x, key)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+            def create(params, batch_stats, x, key):
+                mutable = ["perturbations"] + (["batch_stats"] if batch_stats else [])
+                _, new = model.apply(
+                    _variables(params, batch_stats), x, train=True, rngs={"dropout": key}, mutable=mutable
+                )
+                return new.get("perturbations", {})
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        x, y = batch
-        key = jax.random.fold_in(state.key, state.step)
-        perts = zero_perturbations(state.params, state.batch_stats, x, key) if diag else {}
-        (loss, (out, new_vars, extra)), (grads, pgrads) = grad_fn(
+            shapes[cache_key] = jax.eval_shape(create, params, batch_stats, x, key)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[cache_key])
+
+    def update(state, grads):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return updates, optax.apply_updates(state.params, updates), opt_state
+
+    def plain_step(state, x, y, key):
+        (loss, (new_vars, extra)), grads = jax.value_and_grad(plain_loss, has_aux=True)(
+            state.params, state.batch_stats, x, y, key
+        )
+        _, params, opt_state = update(state, grads)
+        out = (loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
+        if k == 0:
+            return out, {}
+        return out, dg.blank_diagnostics(dg.num_layers(state.params))
+
+    def diag_step(state, x, y, key):
+        perts = zero_perturbations(state.params, state.batch_stats, x, key)
+        grad_fn = jax.value_and_grad(diag_loss, argnums=(0, 1), has_aux=True)
+        (loss, (new_vars, extra)), (grads, pgrads) = grad_fn(
             state.params, perts, state.batch_stats, x, y, key
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        batch_stats = new_vars.get("batch_stats", state.batch_stats)
-        finite = jnp.isfinite(loss) & dg.tree_finite(grads) & dg.tree_finite(params)
-        new_state = select_state(
-            finite, TrainState(params, batch_stats, opt_state, state.step + 1, state.key), state
-        )._replace(step=state.step + 1)
+        updates, params, opt_state = update(state, grads)
         preacts = _first_sown(new_vars.get("intermediates", {}))
-        preact_grads = _leaf(pgrads)
+        diagnostics = dg.step_diagnostics(state.params, grads, updates, _leaf(pgrads), preacts, phi)
+        out = (loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
+        return out, diagnostics
 
-        def locate(_):
-            return dg.locate_nonfinite(state.params, x, preacts, out, loss, grads, params)
+    def locate(params, batch_stats, x, key, loss, grads, new_params):
+        # Run only on a non-finite step: the forward is recomputed to see the pre-activations.
+        out, new_vars = apply(params, batch_stats, x, key, sow=True)
+        preacts = _first_sown(new_vars.get("intermediates", {}))
+        return dg.locate_nonfinite(params, x, preacts, out, loss, grads, new_params)
 
-        def all_finite(_):
-            return jnp.int32(-1), jnp.int32(0)
+    def no_nonfinite(*_):
+        return jnp.int32(-1), jnp.int32(0)
 
-        layer, kind = lax.cond(finite, all_finite, locate, None)
+    def train_step(state: TrainState, batch: Batch, done: ArrayLike = False) -> tuple[TrainState, Metrics]:
+        x, y = batch
+        key = jax.random.fold_in(state.key, state.step)
+        if k == 0:
+            path, recorded = plain_step, None
+        elif k == 1:
+            path, recorded = diag_step, jnp.asarray(True)
+        else:
+            recorded = (_shared(state.step, axis_name, lax.pmax) % k) == 0
+            path = functools.partial(lax.cond, recorded, diag_step, plain_step)
+        (loss, extra, grads, params, batch_stats, opt_state), diagnostics = path(state, x, y, key)
+        finite = jnp.isfinite(loss) & dg.tree_finite(grads) & dg.tree_finite(params)
+        done = jnp.asarray(done, bool)
+        new_state = select_state(
+            finite & ~done, TrainState(params, batch_stats, opt_state, state.step, state.key), state
+        )._replace(step=jnp.where(done, state.step, state.step + 1))
+        bad = _shared((~finite & ~done).astype(jnp.int32), axis_name, lax.psum) > 0
+        ops = (state.params, state.batch_stats, x, key, loss, grads, params)
+        layer, kind = lax.cond(bad, locate, no_nonfinite, *ops)
         metrics: Metrics = {
             "loss": loss,
             **extra,
@@ -151,17 +208,9 @@ def make_train_step(
             "nonfinite_layer": layer,
             "nonfinite_kind": kind,
         }
-        if diag:
-
-            def record(_):
-                return dg.step_diagnostics(state.params, grads, updates, preact_grads, preacts, phi)
-
-            def blank(_):
-                return dg.blank_diagnostics(dg.num_layers(state.params))
-
-            recorded = (state.step % k) == 0
+        if recorded is not None:
             metrics["recorded"] = recorded
-            metrics.update(lax.cond(recorded, record, blank, None))
+            metrics.update(diagnostics)
         return new_state, metrics
 
     return train_step
@@ -196,15 +245,19 @@ def _leaf(tree: Any) -> jax.Array | None:
 
 
 def make_train_epoch(
-    model: nn.Module, optimizer: optax.GradientTransformation, cfg: TrainConfig
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    cfg: TrainConfig,
+    *,
+    axis_name: str | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """One epoch as one `lax.scan` of `make_train_step` over stacked batches.
 
     With `cfg.on_nonfinite == "stop"` the scan carries a `done` flag, set at the first
-    non-finite step; later steps are no-ops (`lax.cond`; their metrics have active=False).
+    non-finite step; later steps are no-ops (their metrics have active=False).
 
     Args:
-      model, optimizer, cfg: as for `make_train_step`.
+      model, optimizer, cfg, axis_name: as for `make_train_step`.
 
     Returns:
       `train_epoch(state, (x_NxBxD, y_NxB), done=False) -> (state, metrics)`, N the number of
@@ -212,15 +265,13 @@ def make_train_epoch(
       (the run is stopped after this step). Pass `metrics["done"][-1]` as the next epoch's
       `done`. Pure; jit it outside.
     """
-    step_fn = make_train_step(model, optimizer, cfg)
+    step_fn = make_train_step(model, optimizer, cfg, axis_name=axis_name)
     stop = cfg.on_nonfinite == "stop"
 
     def train_epoch(state: TrainState, batches: Batch, done: ArrayLike = False) -> tuple[TrainState, Metrics]:
         def body(carry, batch):
             state, done = carry
-            new_state, m = step_fn(state, batch)
-            # A step after the stop runs but is discarded (a select, cheaper to compile than a cond).
-            state = select_state(done, state, new_state)
+            state, m = step_fn(state, batch, done)
             new_done = (done | ~m["finite"]) if stop else done
             return (state, new_done), {**m, "active": ~done, "done": new_done}
 

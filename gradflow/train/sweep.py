@@ -14,7 +14,8 @@ call (`Hparams`, one value per run) is numeric:
 
 What changes the program (activation, depth, width, optimizer kind, task, epochs, batch size)
 cannot be vmapped: `sweep_points` groups the points by structure (model equality and the
-config with seed, lr and clip_value blanked) and runs one vmapped call per group.
+config with seed, lr and clip_value blanked) and runs one vmapped call per group. The compiled
+call is cached per structure, so a second sweep of the same structure does not recompile.
 
 Devices. With more than one device (`jax.devices()`), the sweep axis is sharded over a 1-D
 `Mesh(devices, ("sweep",))` with `NamedSharding(mesh, P("sweep"))`, the data replicated, and
@@ -30,6 +31,7 @@ every process; `jax.devices()` is then the global device list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -50,6 +52,7 @@ from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
 Data = tuple[Any, Any, Any, Any]
+_AXIS = "runs"  # the vmap axis of `sweep`
 
 
 class Hparams(NamedTuple):
@@ -128,12 +131,16 @@ def sweep_optimizer(optim: OptimConfig, lr: ArrayLike, clip_value: ArrayLike) ->
     return optax.chain(_clip(optim.clip, clip_value), inner)
 
 
-def make_run(model: nn.Module, cfg: TrainConfig) -> Callable[[Hparams, Data], tuple[TrainState, dict]]:
+def make_run(
+    model: nn.Module, cfg: TrainConfig, *, axis_name: str | None = None
+) -> Callable[[Hparams, Data], tuple[TrainState, dict]]:
     """The whole training run as a pure function (vmap it over `Hparams`).
 
     Args:
       model: the linen module (fixed structure).
       cfg: the training config; seed, optim.lr and optim.clip_value come from the hparams.
+      axis_name: the name of the `jax.vmap` axis over runs, if any (see `make_train_step`):
+        with it, the recording steps and the non-finite locator stay real branches under vmap.
 
     Returns:
       `run(hparams, (x_train, y_train, x_test, y_test)) -> (state, epochs)` with scalar hparams;
@@ -148,7 +155,7 @@ def make_run(model: nn.Module, cfg: TrainConfig) -> Callable[[Hparams, Data], tu
         state = init_state(model, tx, init_key, x[: cfg.batch_size])
         params = scale_kernels(state.params, hp.weight_scale)
         state = state._replace(params=params, opt_state=tx.init(params))
-        epoch_fn = make_train_epoch(model, tx, cfg)
+        epoch_fn = make_train_epoch(model, tx, cfg, axis_name=axis_name)
 
         def body(carry, epoch):
             state, done = carry
@@ -209,6 +216,21 @@ def _to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_run(model: nn.Module, cfg: TrainConfig, devices: tuple | None) -> Callable:
+    """The jitted `vmap(run)` of a structure; cached, so sweeps that differ only in their
+    hparams (and the data, of the same shapes) compile once. `devices`: shard over them, or None."""
+    run = make_run(model, cfg, axis_name=_AXIS)
+
+    def vrun(hp, data):
+        state, epochs = jax.vmap(run, in_axes=(0, None), axis_name=_AXIS)(hp, data)
+        return state.params, state.batch_stats, epochs
+
+    if devices is None:
+        return jax.jit(vrun)
+    return jax.jit(vrun, out_shardings=NamedSharding(Mesh(np.asarray(devices), ("sweep",)), P("sweep")))
+
+
 def sweep(
     model: nn.Module, cfg: TrainConfig, data: Data, hparams: Hparams, *, shard: bool | None = None
 ) -> SweepResult:
@@ -234,15 +256,10 @@ def sweep(
     if any(np.shape(a) != (S,) for a in hp):
         raise ValueError(f"hparams fields must all have shape (S,), got {[np.shape(a) for a in hp]}")
     x, y, x_test, y_test = (None if a is None else np.asarray(a) for a in data)
-    run = make_run(model, cfg)
-
-    def vrun(hp, data):
-        state, epochs = jax.vmap(run, in_axes=(0, None))(hp, data)
-        return state.params, state.batch_stats, epochs
-
     devices = jax.devices()
     if shard is None:
         shard = len(devices) > 1
+    vrun = _compiled_run(model, _structure(cfg), tuple(devices) if shard else None)
     if shard:
         pad = (-S) % len(devices)
         hp = Hparams(*(np.concatenate([a, np.repeat(a[-1:], pad)]) for a in hp))
@@ -250,10 +267,10 @@ def sweep(
         by_run, replicated = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
         hp_in = Hparams(*(_global_array(a, by_run) for a in hp))
         data_in = tuple(None if a is None else _global_array(a, replicated) for a in (x, y, x_test, y_test))
-        params, batch_stats, epochs = jax.jit(vrun, out_shardings=by_run)(hp_in, data_in)
+        params, batch_stats, epochs = vrun(hp_in, data_in)
     else:
         data_in = tuple(None if a is None else jnp.asarray(a) for a in (x, y, x_test, y_test))
-        params, batch_stats, epochs = jax.jit(vrun)(Hparams(*(jnp.asarray(a) for a in hp)), data_in)
+        params, batch_stats, epochs = vrun(Hparams(*(jnp.asarray(a) for a in hp)), data_in)
     params, batch_stats, epochs = jax.tree.map(
         lambda a: np.asarray(a)[:S], _to_host((params, batch_stats, epochs))
     )
