@@ -41,8 +41,23 @@ def test_bad_flags_and_values_exit_2_naming_them(argv, named, capsys):
 
 def test_spectra_prints_the_table_and_writes_results(tmp_path, capsys):
     out = tmp_path / "spectra"
-    code = cli.main(["spectra", "--model.depth", "6", "--model.width", "8", "--model.init", "orthogonal",
-                     "--model.activation", "linear", "--input", "random", "--out", str(out)])
+    code = cli.main(
+        [
+            "spectra",
+            "--model.depth",
+            "6",
+            "--model.width",
+            "8",
+            "--model.init",
+            "orthogonal",
+            "--model.activation",
+            "linear",
+            "--input",
+            "random",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["log_max"] == pytest.approx([0.0] * 6, abs=1e-5)  # orthogonal linear: isometry
@@ -53,9 +68,31 @@ def test_spectra_prints_the_table_and_writes_results(tmp_path, capsys):
 
 def test_tiny_atlas_and_report_rebuild(tmp_path):
     out = tmp_path / "atlas"
-    argv = ["atlas", "--grid", "full", "--activations", "relu", "--inits", "he", "--archs", "plain",
-            "--depths", "4", "--cells", "rnn", "--seq-lens", "6", "--width", "8", "--epochs", "1",
-            "--train-samples", "200", "--out", str(out)]
+    argv = [
+        "atlas",
+        "--grid",
+        "full",
+        "--activations",
+        "relu",
+        "--inits",
+        "he",
+        "--archs",
+        "plain",
+        "--depths",
+        "4",
+        "--cells",
+        "rnn",
+        "--seq-lens",
+        "6",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "200",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["relu-he-plain-L4", "rnn-T6"]
