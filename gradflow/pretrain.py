@@ -64,7 +64,8 @@ from gradflow.nn.mlp import Block, MLPStack
 from gradflow.optim import OptimConfig, make_optimizer
 from gradflow.train import diagnostics as dg
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
-from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch, task_loss
+from gradflow.train.step import task_loss
+from gradflow.train.sweep import train_epochs
 
 CORRUPTIONS = ("mask", "gaussian")
 DECODER_ACTIVATIONS = ("mirror", "linear")
@@ -411,16 +412,4 @@ def _finetune(
     init_key, data_key = run_keys(seed)
     state = init_state(model, tx, init_key, x[: cfg.batch_size])
     state = state._replace(params=params, opt_state=tx.init(params))
-    epoch_fn = make_train_epoch(model, tx, cfg)
-
-    def body(carry, epoch):
-        state, done = carry
-        state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
-        summary = summarize_epoch(metrics)
-        if x_test is not None:
-            test = evaluate(model, state, x_test, y_test, cfg)
-            summary.update({f"test_{k}": v for k, v in test.items()})
-        return (state, summary["done"]), summary
-
-    (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
-    return state, epochs
+    return train_epochs(model, tx, cfg, state, (x, y, x_test, y_test), data_key)

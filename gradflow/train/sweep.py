@@ -155,21 +155,40 @@ def make_run(
         state = init_state(model, tx, init_key, x[: cfg.batch_size])
         params = scale_kernels(state.params, hp.weight_scale)
         state = state._replace(params=params, opt_state=tx.init(params))
-        epoch_fn = make_train_epoch(model, tx, cfg, axis_name=axis_name)
-
-        def body(carry, epoch):
-            state, done = carry
-            state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
-            summary = summarize_epoch(metrics)
-            if x_test is not None:
-                test = evaluate(model, state, x_test, y_test, cfg)
-                summary.update({f"test_{k}": v for k, v in test.items()})
-            return (state, summary["done"]), summary
-
-        (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
-        return state, epochs
+        return train_epochs(model, tx, cfg, state, data, data_key, axis_name=axis_name)
 
     return run
+
+
+def train_epochs(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: TrainConfig,
+    state: TrainState,
+    data: Data,
+    data_key: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict]:
+    """`cfg.epochs` epochs from `state` as one `lax.scan` (pure; the body of `make_run`).
+
+    Returns the final state and `summarize_epoch`'s entries with a leading epoch axis, plus
+    test_loss / test_accuracy when test data are given.
+    """
+    x, y, x_test, y_test = data
+    epoch_fn = make_train_epoch(model, tx, cfg, axis_name=axis_name)
+
+    def body(carry, epoch):
+        state, done = carry
+        state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
+        summary = summarize_epoch(metrics)
+        if x_test is not None:
+            test = evaluate(model, state, x_test, y_test, cfg)
+            summary.update({f"test_{k}": v for k, v in test.items()})
+        return (state, summary["done"]), summary
+
+    (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
+    return state, epochs
 
 
 @dataclasses.dataclass
