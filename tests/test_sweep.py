@@ -13,7 +13,7 @@ import pytest
 
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
-from gradflow.train import Hparams, SweepPoint, TrainConfig, grid, sweep_points, train
+from gradflow.train import Hparams, SweepPoint, TrainConfig, grid, run_keys, sweep, sweep_points, train
 
 
 def _data():
@@ -80,6 +80,26 @@ def test_vmapped_sweep_equals_the_per_config_loop():
     assert not np.allclose(results[0]["epochs"]["loss"], results[2]["epochs"]["loss"])
 
 
+def test_sweep_from_given_variables_equals_sweep_from_the_seed():
+    data = _data()
+    model = MLPStack(depth=2, width=8, activation="tanh", num_outputs=3)
+    cfg = TrainConfig(epochs=2, batch_size=32, diagnostics_every=2, optim=OptimConfig("adam", 1e-2))
+    hp = grid(cfg, seeds=[3], weight_scale=[1.0, 1.7])
+    init_key, _ = run_keys(3)
+    variables = model.init(jax.random.split(init_key)[0], data[0][:32])  # init_state's draw
+    given = sweep(model, cfg, data, hp, init_variables=variables)
+    seeded = sweep(model, cfg, data, hp)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), given.params, seeded.params
+    )
+    np.testing.assert_allclose(given.epochs["grad_norm"], seeded.epochs["grad_norm"], rtol=1e-6)
+    assert not np.allclose(given.epochs["loss"][0], given.epochs["loss"][1])  # weight_scale applied
+    bad = jax.tree.map(lambda a: a, variables)
+    bad["params"]["head"]["kernel"] = bad["params"]["head"]["kernel"][:, :2]
+    with pytest.raises(ValueError, match=r"\['head'\]\['kernel'\] has shape \(8, 2\)"):
+        sweep(model, cfg, data, hp, init_variables=bad)
+
+
 _SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 assert len(jax.devices()) == 8, jax.devices()
@@ -101,6 +121,9 @@ assert sharded.epochs["loss"].shape == (5, 2), sharded.epochs["loss"].shape
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), sharded.params, plain.params)
 np.testing.assert_allclose(sharded.epochs["loss"], plain.epochs["loss"], rtol=1e-6)
 assert not np.allclose(sharded.epochs["loss"][0], sharded.epochs["loss"][1])  # seeds differ
+variables = model.init(jax.random.key(5), x[:16])
+given = sweep(model, cfg, data, hp, init_variables=variables)  # replicated over the devices
+np.testing.assert_allclose(given.epochs["loss"], sweep(model, cfg, data, hp, init_variables=variables, shard=False).epochs["loss"], rtol=1e-6)
 print("OK")
 """
 

@@ -143,16 +143,28 @@ def make_run(
         with it, the recording steps and the non-finite locator stay real branches under vmap.
 
     Returns:
-      `run(hparams, (x_train, y_train, x_test, y_test)) -> (state, epochs)` with scalar hparams;
-      `epochs` holds `summarize_epoch`'s entries with a leading axis cfg.epochs, plus
-      test_loss / test_accuracy when test data are given (not None).
+      `run(hparams, (x_train, y_train, x_test, y_test), variables=None) -> (state, epochs)` with
+      scalar hparams; `epochs` holds `summarize_epoch`'s entries with a leading axis
+      cfg.epochs, plus test_loss / test_accuracy when test data are given (not None).
+      `variables` (a model's {"params", "batch_stats"}) replaces the initialization from the
+      seed; the seed still draws the shuffles and dropout masks, and weight_scale applies.
     """
 
-    def run(hp: Hparams, data: Data) -> tuple[TrainState, dict]:
+    def run(hp: Hparams, data: Data, variables: Any = None) -> tuple[TrainState, dict]:
         x, y, x_test, y_test = data
         init_key, data_key = run_keys(hp.seed)
         tx = sweep_optimizer(cfg.optim, hp.lr, hp.clip_value)
-        state = init_state(model, tx, init_key, x[: cfg.batch_size])
+        if variables is None:
+            state = init_state(model, tx, init_key, x[: cfg.batch_size])
+        else:  # the dropout key as `init_state` draws it
+            _, dropout_key = jax.random.split(init_key)
+            state = TrainState(
+                params=variables["params"],
+                batch_stats=variables.get("batch_stats", {}),
+                opt_state=None,
+                step=jnp.zeros([], jnp.int32),
+                key=dropout_key,
+            )
         params = scale_kernels(state.params, hp.weight_scale)
         state = state._replace(params=params, opt_state=tx.init(params))
         return train_epochs(model, tx, cfg, state, data, data_key, axis_name=axis_name)
@@ -236,22 +248,34 @@ def _to_host(tree: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_run(model: nn.Module, cfg: TrainConfig, devices: tuple | None) -> Callable:
+def _compiled_run(
+    model: nn.Module, cfg: TrainConfig, devices: tuple | None, compiler_options: tuple = ()
+) -> Callable:
     """The jitted `vmap(run)` of a structure; cached, so sweeps that differ only in their
-    hparams (and the data, of the same shapes) compile once. `devices`: shard over them, or None."""
+    hparams (and the data, of the same shapes) compile once. `devices`: shard over them, or None;
+    `compiler_options`: XLA options as sorted (name, value) pairs."""
     run = make_run(model, cfg, axis_name=_AXIS)
 
-    def vrun(hp, data):
-        state, epochs = jax.vmap(run, in_axes=(0, None), axis_name=_AXIS)(hp, data)
+    def vrun(hp, data, variables):
+        state, epochs = jax.vmap(run, in_axes=(0, None, None), axis_name=_AXIS)(hp, data, variables)
         return state.params, state.batch_stats, epochs
 
+    options = dict(compiler_options) or None
     if devices is None:
-        return jax.jit(vrun)
-    return jax.jit(vrun, out_shardings=NamedSharding(Mesh(np.asarray(devices), ("sweep",)), P("sweep")))
+        return jax.jit(vrun, compiler_options=options)
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("sweep",)), P("sweep"))
+    return jax.jit(vrun, out_shardings=sharding, compiler_options=options)
 
 
 def sweep(
-    model: nn.Module, cfg: TrainConfig, data: Data, hparams: Hparams, *, shard: bool | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    data: Data,
+    hparams: Hparams,
+    *,
+    shard: bool | None = None,
+    init_variables: Any = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Train S runs of one structure in one `jit(vmap(run))` call.
 
@@ -261,6 +285,13 @@ def sweep(
       data: (x_train (N, ...), y_train, x_test, y_test); the test pair may be (None, None).
       hparams: `Hparams` of arrays of shape (S,) (see `grid`).
       shard: shard the run axis over `jax.devices()`; None shards when there are several.
+      init_variables: start every run from these variables ({"params": ..., optionally
+        "batch_stats": ...}, no run axis: e.g. an LSUV-initialized or pretrained model, or an
+        initialization shared with other measurements) instead of initializing from each
+        run's seed; weight_scale still multiplies the blocks' kernels, and the seed still
+        draws the shuffles and dropout masks.
+      compiler_options: XLA compiler options of the compiled call (`jax.jit`'s), e.g.
+        {"xla_backend_optimization_level": 1} for short runs whose time is mostly compilation.
 
     Returns:
       A `SweepResult`.
@@ -275,10 +306,17 @@ def sweep(
     if any(np.shape(a) != (S,) for a in hp):
         raise ValueError(f"hparams fields must all have shape (S,), got {[np.shape(a) for a in hp]}")
     x, y, x_test, y_test = (None if a is None else np.asarray(a) for a in data)
+    variables = None
+    if init_variables is not None:
+        if "params" not in init_variables:
+            raise ValueError(f"init_variables needs a 'params' entry, got keys {list(init_variables)}")
+        variables = {k: init_variables[k] for k in ("params", "batch_stats") if k in init_variables}
+        _check_variables(model, variables, x[: cfg.batch_size])
     devices = jax.devices()
     if shard is None:
         shard = len(devices) > 1
-    vrun = _compiled_run(model, _structure(cfg), tuple(devices) if shard else None)
+    options = tuple(sorted((compiler_options or {}).items()))
+    vrun = _compiled_run(model, _structure(cfg), tuple(devices) if shard else None, options)
     if shard:
         pad = (-S) % len(devices)
         hp = Hparams(*(np.concatenate([a, np.repeat(a[-1:], pad)]) for a in hp))
@@ -286,10 +324,11 @@ def sweep(
         by_run, replicated = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
         hp_in = Hparams(*(_global_array(a, by_run) for a in hp))
         data_in = tuple(None if a is None else _global_array(a, replicated) for a in (x, y, x_test, y_test))
-        params, batch_stats, epochs = vrun(hp_in, data_in)
+        variables = jax.tree.map(lambda a: _global_array(np.asarray(a), replicated), variables)
+        params, batch_stats, epochs = vrun(hp_in, data_in, variables)
     else:
         data_in = tuple(None if a is None else jnp.asarray(a) for a in (x, y, x_test, y_test))
-        params, batch_stats, epochs = vrun(Hparams(*(jnp.asarray(a) for a in hp)), data_in)
+        params, batch_stats, epochs = vrun(Hparams(*(jnp.asarray(a) for a in hp)), data_in, variables)
     params, batch_stats, epochs = jax.tree.map(
         lambda a: np.asarray(a)[:S], _to_host((params, batch_stats, epochs))
     )
@@ -302,6 +341,26 @@ def sweep(
         layer_names=names,
         num_devices=len(devices) if shard else 1,
     )
+
+
+def _check_variables(model: nn.Module, variables: dict, x: np.ndarray) -> None:
+    """Raise a ValueError naming the first leaf of `variables` that `model.init` would not make."""
+    key = jax.random.key(0)
+    want = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, x))
+    want = {k: want[k] for k in variables if k in want}
+    got_leaves = jax.tree_util.tree_leaves_with_path(variables)
+    want_leaves = jax.tree_util.tree_leaves_with_path(want)
+    if [p for p, _ in got_leaves] != [p for p, _ in want_leaves]:
+        raise ValueError(
+            "init_variables do not have the model's structure: got "
+            f"{[jax.tree_util.keystr(p) for p, _ in got_leaves][:6]}..., expected "
+            f"{[jax.tree_util.keystr(p) for p, _ in want_leaves][:6]}..."
+        )
+    for (path, g), (_, w) in zip(got_leaves, want_leaves, strict=True):
+        if np.shape(g) != w.shape:
+            raise ValueError(
+                f"init_variables{jax.tree_util.keystr(path)} has shape {np.shape(g)}, the model's is {w.shape}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
