@@ -37,7 +37,7 @@ from gradflow import data, initializers, spectra, theory
 from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
-from gradflow.train import Hparams, TrainConfig, run_keys, scale_kernels, sweep
+from gradflow.train import Hparams, TrainConfig, init_variables, run_keys, scale_kernels, sweep
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
 INITS = ("naive_small", "naive_large", "glorot", "he", "orthogonal", "critical")
@@ -278,8 +278,7 @@ class _InitCache:
     """
 
     def __init__(self, seed: int, x: jax.Array):
-        init_key, _ = run_keys(seed)
-        self._key = jax.random.split(init_key)[0]  # the parameter key, as `init_state` splits it
+        self._key, _ = run_keys(seed)
         self._x = x
         self._values: dict[tuple, Any] = {}
         self._locks: dict[tuple, threading.Lock] = {}
@@ -292,8 +291,8 @@ class _InitCache:
         with lock:
             if family not in self._values:
                 model = _model(dataclasses.replace(case, activation="tanh"), width)
-                init = jax.jit(model.init, compiler_options=COMPILER_OPTIONS)
-                self._values[family] = init({"params": self._key, "dropout": self._key}, self._x)
+                init = jax.jit(init_variables, static_argnums=0, compiler_options=COMPILER_OPTIONS)
+                self._values[family] = init(model, self._key, self._x)
             return self._values[family]
 
 

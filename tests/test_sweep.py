@@ -13,7 +13,17 @@ import pytest
 
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
-from gradflow.train import Hparams, SweepPoint, TrainConfig, grid, run_keys, sweep, sweep_points, train
+from gradflow.train import (
+    Hparams,
+    SweepPoint,
+    TrainConfig,
+    grid,
+    init_variables,
+    run_keys,
+    sweep,
+    sweep_points,
+    train,
+)
 
 
 def _data():
@@ -85,8 +95,7 @@ def test_sweep_from_given_variables_equals_sweep_from_the_seed():
     model = MLPStack(depth=2, width=8, activation="tanh", num_outputs=3)
     cfg = TrainConfig(epochs=2, batch_size=32, diagnostics_every=2, optim=OptimConfig("adam", 1e-2))
     hp = grid(cfg, seeds=[3], weight_scale=[1.0, 1.7])
-    init_key, _ = run_keys(3)
-    variables = model.init(jax.random.split(init_key)[0], data[0][:32])  # init_state's draw
+    variables = init_variables(model, run_keys(3)[0], data[0][:32])  # the draw of seed 3
     given = sweep(model, cfg, data, hp, init_variables=variables)
     seeded = sweep(model, cfg, data, hp)
     jax.tree.map(

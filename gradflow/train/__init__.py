@@ -8,6 +8,7 @@ from gradflow.train.run import train as train
 from gradflow.train.state import TrainConfig as TrainConfig
 from gradflow.train.state import TrainState as TrainState
 from gradflow.train.state import init_state as init_state
+from gradflow.train.state import init_variables as init_variables
 from gradflow.train.state import run_keys as run_keys
 from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
 from gradflow.train.step import epoch_batches as epoch_batches

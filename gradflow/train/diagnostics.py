@@ -89,11 +89,6 @@ def _depth(blocks: Any) -> int:
     return int(jax.tree_util.tree_leaves(blocks)[0].shape[0])
 
 
-def combine_norms(norms: jax.Array) -> jax.Array:
-    """||concat(v_i)|| from the norms ||v_i|| along the last axis, without underflow."""
-    return _row_norms(norms.reshape(-1, norms.shape[-1])).reshape(norms.shape[:-1])
-
-
 def _row_norms(x: jax.Array) -> jax.Array:
     """`stable_norm` of each row of a 2-D array: one fused reduction for all rows."""
     return jax.vmap(stable_norm)(x)

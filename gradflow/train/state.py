@@ -13,7 +13,6 @@ replays exactly the batches and dropout masks of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -112,13 +111,28 @@ def run_keys(seed: ArrayLike) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
-    return model.init({"params": key, "dropout": key}, x)
+def init_variables(model: nn.Module, key: jax.Array, x_example: ArrayLike) -> Any:
+    """The model's variables as `init_state(model, _, key, x_example)` draws them; pure.
+
+    Args:
+      model: a linen module.
+      key: the run's init key (`run_keys(seed)[0]`); its first split draws the parameters.
+      x_example: an input batch (only its shape and dtype matter).
+    """
+    params_key, _ = jax.random.split(key)
+    return model.init({"params": params_key, "dropout": params_key}, x_example)
+
+
+# jit: eager (op-by-op) init of a scanned stack is several times slower than compiling it.
+_init_variables = jax.jit(init_variables, static_argnums=0)
 
 
 def init_state(
-    model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array, x_example: ArrayLike
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    x_example: ArrayLike,
+    variables: Any = None,
 ) -> TrainState:
     """Initialize the model and the optimizer.
 
@@ -127,13 +141,15 @@ def init_state(
       optimizer: the optax transformation the state is for.
       key: typed PRNG key; split into the parameter key and the run's dropout key.
       x_example: an input batch, shape (B, ...) (only its shape and dtype matter).
+      variables: start from these ({"params", optionally "batch_stats"}) instead of drawing
+        them (`init_variables`); the dropout key is split from `key` all the same.
 
     Returns:
       A `TrainState` at step 0.
     """
-    params_key, dropout_key = jax.random.split(key)
-    # jit: eager (op-by-op) init of a scanned stack is several times slower than compiling it.
-    variables = _init_variables(model, params_key, jnp.asarray(x_example))
+    _, dropout_key = jax.random.split(key)
+    if variables is None:
+        variables = _init_variables(model, key, jnp.asarray(x_example))
     params = variables["params"]
     return TrainState(
         params=params,

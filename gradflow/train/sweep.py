@@ -154,17 +154,7 @@ def make_run(
         x, y, x_test, y_test = data
         init_key, data_key = run_keys(hp.seed)
         tx = sweep_optimizer(cfg.optim, hp.lr, hp.clip_value)
-        if variables is None:
-            state = init_state(model, tx, init_key, x[: cfg.batch_size])
-        else:  # the dropout key as `init_state` draws it
-            _, dropout_key = jax.random.split(init_key)
-            state = TrainState(
-                params=variables["params"],
-                batch_stats=variables.get("batch_stats", {}),
-                opt_state=None,
-                step=jnp.zeros([], jnp.int32),
-                key=dropout_key,
-            )
+        state = init_state(model, tx, init_key, x[: cfg.batch_size], variables)
         params = scale_kernels(state.params, hp.weight_scale)
         state = state._replace(params=params, opt_state=tx.init(params))
         return train_epochs(model, tx, cfg, state, data, data_key, axis_name=axis_name)
