@@ -200,10 +200,11 @@ def test_a_nan_planted_in_one_layer_is_located_and_stops_the_run():
         assert bool(s["done"]) and int(s["steps"]) == 1 and int(s["skipped"]) == 1
 
 
-def test_skip_mode_drops_exactly_the_nonfinite_update():
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_skip_mode_drops_exactly_the_nonfinite_update(optimizer):
     x, y = _classification(5, 96)
     model = MLPStack(depth=3, width=8, activation="relu", num_outputs=3)
-    cfg = TrainConfig(diagnostics_every=0, on_nonfinite="skip", optim=OptimConfig("sgd", 0.1))
+    cfg = TrainConfig(diagnostics_every=0, on_nonfinite="skip", optim=OptimConfig(optimizer, 0.01))
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, run_keys(0)[0], x[:32])
     step = jax.jit(make_train_step(model, tx, cfg))
@@ -221,7 +222,8 @@ def test_skip_mode_drops_exactly_the_nonfinite_update():
     for batch in (b0, b2):
         ref, _ = step(ref, batch)
     assert skipped == 1 and step._cache_size() == 1
-    jax.tree.map(np.testing.assert_array_equal, s.params, ref.params)
+    # Adam's moments and count, too, are those of the two finite steps only
+    jax.tree.map(np.testing.assert_array_equal, (s.params, s.opt_state), (ref.params, ref.opt_state))
 
 
 _CASE = """

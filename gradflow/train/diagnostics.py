@@ -130,8 +130,15 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def tree_finite(tree: Any) -> jax.Array:
-    """True iff every element of every leaf is finite (scalar bool)."""
-    return _all_finite(tree)
+    """True iff every element of every leaf is finite (scalar bool).
+
+    One reduction per leaf, not one over the concatenated leaves: this runs on every training
+    step, and the concatenation's copy made the step measurably slower at small widths.
+    """
+    out = jnp.array(True)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        out = out & jnp.all(jnp.isfinite(leaf))
+    return out
 
 
 def layer_finite(params: Any) -> jax.Array:

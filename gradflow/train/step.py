@@ -9,7 +9,11 @@ update, apply_updates, BatchNorm statistics through `mutable=["batch_stats"]`, d
   that fails it does not apply its update (parameters, BatchNorm statistics and optimizer
   state are kept; `step` still advances) and reports where the NaN/Inf first appeared
   (`gradflow.train.diagnostics.locate_nonfinite`, under `lax.cond`: run only on such a step; it
-  recomputes the forward pass to see the pre-activations);
+  recomputes the forward pass to see the pre-activations). The optimizer state is gated by
+  the loss and gradient check alone, which is known before the optimizer runs, so the
+  keep-or-replace select fuses into the optimizer's own loops (no extra pass over the Adam
+  moments); the one case this lets through is finite gradients whose update overflows the
+  parameters to Inf: the parameters are kept, the optimizer state takes that step;
 - the per-layer diagnostics (`gradflow.train.diagnostics.step_diagnostics`) on steps with
   step % k == 0, NaN on the other steps (`recorded` says which). Recording and plain steps are
   two code paths chosen by `lax.cond`: a plain step is the hand-written step plus the check; a
@@ -145,30 +149,35 @@ def make_train_step(
             shapes[cache_key] = jax.eval_shape(create, params, batch_stats, x, key)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[cache_key])
 
-    def update(state, grads):
+    def update(state, loss, grads, done):
+        # Gated by the check that can be made before the optimizer runs (loss and gradients
+        # finite, run not stopped): a scalar known up front, so XLA fuses these selects into
+        # the update's own elementwise loops rather than a further pass over the state.
+        ok = jnp.isfinite(loss) & dg.tree_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return updates, optax.apply_updates(state.params, updates), opt_state
+        opt_state = _where(ok & ~done, opt_state, state.opt_state)
+        return ok, updates, optax.apply_updates(state.params, updates), opt_state
 
-    def plain_step(state, x, y, key):
+    def plain_step(state, x, y, key, done):
         (loss, (new_vars, extra)), grads = jax.value_and_grad(plain_loss, has_aux=True)(
             state.params, state.batch_stats, x, y, key
         )
-        _, params, opt_state = update(state, grads)
-        out = (loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
+        ok, _, params, opt_state = update(state, loss, grads, done)
+        out = (ok, loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
         if k == 0:
             return out, {}
         return out, dg.blank_diagnostics(dg.num_layers(state.params))
 
-    def diag_step(state, x, y, key):
+    def diag_step(state, x, y, key, done):
         perts = zero_perturbations(state.params, state.batch_stats, x, key)
         grad_fn = jax.value_and_grad(diag_loss, argnums=(0, 1), has_aux=True)
         (loss, (new_vars, extra)), (grads, pgrads) = grad_fn(
             state.params, perts, state.batch_stats, x, y, key
         )
-        updates, params, opt_state = update(state, grads)
+        ok, updates, params, opt_state = update(state, loss, grads, done)
         preacts = _first_sown(new_vars.get("intermediates", {}))
         diagnostics = dg.step_diagnostics(state.params, grads, updates, _leaf(pgrads), preacts, phi)
-        out = (loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
+        out = (ok, loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
         return out, diagnostics
 
     def locate(params, batch_stats, x, key, loss, grads, new_params):
@@ -190,12 +199,17 @@ def make_train_step(
         else:
             recorded = (_shared(state.step, axis_name, lax.pmax) % k) == 0
             path = functools.partial(lax.cond, recorded, diag_step, plain_step)
-        (loss, extra, grads, params, batch_stats, opt_state), diagnostics = path(state, x, y, key)
-        finite = jnp.isfinite(loss) & dg.tree_finite(grads) & dg.tree_finite(params)
         done = jnp.asarray(done, bool)
-        new_state = select_state(
-            finite & ~done, TrainState(params, batch_stats, opt_state, state.step, state.key), state
-        )._replace(step=jnp.where(done, state.step, state.step + 1))
+        (ok, loss, extra, grads, params, batch_stats, opt_state), diagnostics = path(state, x, y, key, done)
+        finite = ok & dg.tree_finite(params)
+        keep = finite & ~done
+        new_state = TrainState(
+            params=_where(keep, params, state.params),
+            batch_stats=_where(keep, batch_stats, state.batch_stats),
+            opt_state=opt_state,  # gated by the loss and gradient check inside `update`
+            step=jnp.where(done, state.step, state.step + 1),
+            key=state.key,
+        )
         bad = _shared((~finite & ~done).astype(jnp.int32), axis_name, lax.psum) > 0
         ops = (state.params, state.batch_stats, x, key, loss, grads, params)
         layer, kind = lax.cond(bad, locate, no_nonfinite, *ops)
@@ -216,16 +230,9 @@ def make_train_step(
     return train_step
 
 
-def select_state(pred: ArrayLike, on_true: TrainState, on_false: TrainState) -> TrainState:
-    """`on_true` where the scalar `pred` holds, else `on_false`, leaf by leaf (the key is shared)."""
-    pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)  # noqa: E731
-    return TrainState(
-        params=pick(on_true.params, on_false.params),
-        batch_stats=pick(on_true.batch_stats, on_false.batch_stats),
-        opt_state=pick(on_true.opt_state, on_false.opt_state),
-        step=jnp.where(pred, on_true.step, on_false.step),
-        key=on_true.key,
-    )
+def _where(pred: ArrayLike, on_true: Any, on_false: Any) -> Any:
+    """`on_true` where the scalar `pred` holds, else `on_false`, leaf by leaf."""
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
 
 
 def _first_sown(intermediates: Any) -> jax.Array | None:
