@@ -103,6 +103,11 @@ def test_matches_float64_on_a_tanh_net_forward_and_backward():
         ok = _reliable(ref)
         assert ok.mean() > 0.8
         np.testing.assert_allclose(res.log_singular_values[ok], ref[ok], atol=2e-4)
+        # chosen depths: the layers between them are only re-factored, never Jacobi-converged
+        some = np.array([2, 7, depth - 1])
+        part = spectra.jacobian_spectra(step, w, h0, depths=some, direction=direction)
+        ok = _reliable(ref[some - 1])
+        np.testing.assert_allclose(part.log_singular_values[ok], ref[some - 1][ok], atol=2e-4)
 
 
 def test_full_spectrum_beyond_float64_against_mpmath():

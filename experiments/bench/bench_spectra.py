@@ -3,7 +3,9 @@
 Side by side, in one run, on a tanh net h_l = tanh(W_l h_{l-1}), W_l ~ N(0, sigma_w^2 / N):
 - baseline: for each l, `jax.jacfwd` of the first l layers, then `jnp.linalg.svd` (O(L^2));
 - scan+SVD: accumulate every J_l in one scan (L x N x N held), then batched SVD (float32);
-- gradflow: `spectra.jacobian_spectra` (log-scaled, QR+LQ-preconditioned Jacobi, streaming);
+- gradflow: `spectra.jacobian_spectra` (log-scaled, QR+LQ-preconditioned Jacobi, streaming), at
+  every depth, at L/8 evenly spaced depths, and at depth L only (between requested depths a
+  layer costs the QR + LQ re-factoring alone);
 - gradflow (previous engine): QR-preconditioned Jacobi with a rotation accumulator and a
   verification sweep, kept here (`legacy_step`) to measure old against new in the same process.
 It prints wall times and ratios, the per-layer cost against one N x N QR and SVD, the Jacobi sweeps
@@ -144,11 +146,15 @@ def engine(layer_step):
     return run
 
 
-def timed(fn, *args):
+def timed(fn, *args, repeats=3):
+    """(output, best wall time of `repeats` calls after a compiling one)."""
     out = jax.block_until_ready(fn(*args))  # compile + run
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 def weights(depth, width, sigma_w, seed=0):
@@ -172,10 +178,27 @@ def main() -> None:
     ours, t_ours = timed(
         lambda w, h: jnp.asarray(spectra.jacobian_spectra(step, w, h).log_singular_values), w, h0
     )
+    every = max(1, L // 8)
+    some = list(range(every, L + 1, every))
+    _, t_some = timed(
+        lambda w, h: jnp.asarray(spectra.jacobian_spectra(step, w, h, depths=some).log_singular_values),
+        w,
+        h0,
+    )
+    _, t_last = timed(
+        lambda w, h: jnp.asarray(spectra.jacobian_spectra(step, w, h, depths=[L]).log_singular_values),
+        w,
+        h0,
+    )
     sv32, t_scan = timed(scan_svd, w, h0)
-    rows = [("gradflow exact (QR+LQ+Jacobi)", t_ours), ("scan + batched SVD (float32)", t_scan)]
+    rows = [
+        ("gradflow exact, all L depths", t_ours),
+        (f"gradflow exact, {len(some)} depths", t_some),
+        ("gradflow exact, depth L only", t_last),
+        ("scan + batched SVD (float32)", t_scan),
+    ]
     if not a.skip_baseline:
-        _, t_base = timed(baseline, w, h0)
+        _, t_base = timed(baseline, w, h0, repeats=1)
         rows.insert(0, ("baseline: jacfwd per l + SVD", t_base))
     ref = rows[0][1]
     print(f"\n{'method':32s} {'time s':>8} {'baseline/this':>14}")
@@ -189,17 +212,21 @@ def main() -> None:
     c0 = jnp.linalg.qr(a_nn)[0]
     _, t_sweep = timed(jax.jit(_jacobi.sweep), c0, jnp.zeros(n))
     (_, sweeps), _ = timed(engine(new_step), w, h0)
-    per = t_ours / L
+    per, carry = t_ours / L, t_last / L
     print(
-        f"\nper layer: gradflow {per * 1e3:.2f} ms; one {n}x{n} QR {t_qr * 1e3:.2f} ms (ratio "
-        f"{per / t_qr:.1f}); one SVD {t_svd * 1e3:.2f} ms (ratio {per / t_svd:.1f}); one Jacobi "
-        f"sweep {t_sweep * 1e3:.2f} ms; sweeps per layer: mean {np.mean(sweeps):.2f}, "
-        f"first {int(sweeps[0])}, last {int(sweeps[-1])}"
+        f"\nper layer, spectrum read at every layer: {per * 1e3:.2f} ms; one {n}x{n} QR "
+        f"{t_qr * 1e3:.2f} ms (ratio {per / t_qr:.1f}); one SVD {t_svd * 1e3:.2f} ms (ratio "
+        f"{per / t_svd:.1f}); one Jacobi sweep {t_sweep * 1e3:.2f} ms; sweeps per layer: mean "
+        f"{np.mean(sweeps):.2f}, first {int(sweeps[0])}, last {int(sweeps[-1])}"
+    )
+    print(
+        f"per layer between requested depths (QR + LQ re-factoring, no Jacobi): {carry * 1e3:.2f} ms "
+        f"(ratio to one QR {carry / t_qr:.1f})"
     )
 
     if a.legacy_depth:
         lw, lh = w[: a.legacy_depth], h0
-        (old, k_old), t_old = timed(engine(legacy_step), lw, lh)
+        (old, k_old), t_old = timed(engine(legacy_step), lw, lh, repeats=1)
         (new, k_new), t_new = timed(engine(new_step), lw, lh)
         print(
             f"\nold vs new engine at L={a.legacy_depth}, N={n}: old {t_old:.3f} s "

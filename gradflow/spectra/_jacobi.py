@@ -168,6 +168,19 @@ def precondition(y: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.
     return q, c, s2
 
 
+def carry_step(y: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Re-factor X = y^T diag(exp(s)) by the QR + LQ preconditioning alone (no Jacobi).
+
+    Returns (rows, s') with X W = rows^T diag(exp(s')) for an orthogonal W: exact, like
+    `qr_step`, but the rows are only nearly orthogonal (column-graded triangular factor times
+    Q^T; condition numbers of 1.5 typical, under 10 measured on tanh nets at N = 256), so exp(s')
+    are not yet the singular values. It is all the next layer of a product needs: applying A to
+    these rows costs eps * cond(rows) * cond(A) relative per row, as with orthonormal rows.
+    """
+    q, c, s = precondition(y, s)
+    return c @ q.T, s
+
+
 def qr_step(y: jax.Array, s: jax.Array, *, tol: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Re-orthogonalize X = y^T diag(exp(s)): QR + LQ preconditioning, then Jacobi to `tol`.
 

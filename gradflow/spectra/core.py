@@ -8,14 +8,15 @@ states:
 
 Method ("exact"): the product is carried as M V = C^T diag(exp(s)) for an orthogonal V (unknown,
 never needed): C has near-unit rows, s natural-log scales. Each layer applies A_l to the rows of C
-with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-orthogonalizes the
-result in log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then
-LQ of the graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix
-whose columns one-sided Jacobi sweeps orthogonalize, until a Gram product shows every cosine below
-`tol`; log sigma = sorted s. Nothing is formed at the scale of the product, so sigma = 1e-600 or
-1e+600 is as accurate as sigma = 1, and the Jacobi step keeps high relative accuracy for the
-smallest singular values (Demmel & Veselic 1992) where SVD of the accumulated product loses
-everything below eps * sigma_max.
+with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-factors the result in
+log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then LQ of the
+graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix with
+nearly orthogonal rows, which is all the next layer needs. At a requested depth one-sided Jacobi
+sweeps then orthogonalize those rows until a Gram product shows every cosine below `tol`;
+log sigma = sorted s. Layers that are not requested cost the two QRs only. Nothing is formed at
+the scale of the product, so sigma = 1e-600 or 1e+600 is as accurate as sigma = 1, and the Jacobi
+step keeps high relative accuracy for the smallest singular values (Demmel & Veselic 1992) where
+SVD of the accumulated product loses everything below eps * sigma_max.
 
 Accuracy: the error in log sigma_i grows like eps * sum_l cond(A_l) (rounding in each factor), not
 like the spread of the product: spreads of 1e60 or 1e600 are resolved in float32. What no working
@@ -116,21 +117,40 @@ def _apply_rows(step: Step, p: Any, h: jax.Array, c: jax.Array, transpose: bool)
 
 
 def _walk_products(
-    step: Step, params: Any, points: jax.Array, transpose: bool, tol: float | None
+    step: Step,
+    params: Any,
+    points: jax.Array,
+    transpose: bool,
+    tol: float | None,
+    record: jax.Array | None = None,
 ) -> jax.Array:
-    """Every layer's sorted log singular values of the running product, shape (L, N)."""
+    """Sorted log singular values of the running product at each layer, shape (L, N).
+
+    record: (L,) bool, the layers whose spectrum is wanted (default: all); the other rows are
+    NaN and those layers only re-factor the product (`_jacobi.carry_step`: two QRs, no Jacobi).
+    """
     n = points.shape[1]
 
+    def readout(c, s):
+        c, s, _ = _jacobi.orthogonalize(c, s, tol=tol)
+        return c, s, jnp.sort(s)[::-1]
+
+    def skip(c, s):
+        return c, s, jnp.full_like(s, jnp.nan)
+
     def body(carry, xs):
-        c, s = carry
-        p, h = xs
-        # Converge at every layer: orthonormal rows keep the next layer's product accurate to
-        # eps * cond(A_l); one sweep per layer lets cond(C) grow to ~1e6 and the error with it.
-        c, s = _jacobi.qr_step(_apply_rows(step, p, h, c, transpose), s, tol=tol)
-        return (c, s), jnp.sort(s)[::-1]
+        _, s = carry
+        c = _apply_rows(step, xs[0], xs[1], carry[0], transpose)
+        q, c, s = _jacobi.precondition(c, s)
+        if record is None:
+            c, s, logs = readout(c, s)
+        else:  # a real branch even under vmap: the mask is never batched
+            c, s, logs = lax.cond(xs[2], readout, skip, c, s)
+        return (c @ q.T, s), logs
 
     start = (jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype))
-    _, logs = lax.scan(body, start, (params, points))
+    xs = (params, points) if record is None else (params, points, record)
+    _, logs = lax.scan(body, start, xs)
     return logs
 
 
@@ -154,16 +174,21 @@ def log_singular_values(
     return _exact(_lift(step), None, params, h0, direction=direction, tol=tol)
 
 
-def _exact(step3, shared, params, h0, *, direction, tol):
-    """log_singular_values for step3(shared, params_l, h), shared traced (see `_walk_step`)."""
+def _exact(step3, shared, params, h0, record=None, *, direction, tol):
+    """log_singular_values for step3(shared, params_l, h), shared traced (see `_walk_step`).
+
+    record: optional (L,) bool mask of the depths l = 1..L wanted (other rows NaN).
+    """
     shape = tuple(h0.shape)
     flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
     points = _states(flat, params, h0.reshape(-1))
     if direction == "forward":
-        return _walk_products(flat, params, points, False, tol)
+        return _walk_products(flat, params, points, False, tol, record)
     # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ...; after the step through A_m^T the
     # product is G_{m-1}^T, so the reversed rows are G_{L-1}, ..., G_0; G_L = I closes the list.
-    logs_rev = _walk_products(flat, _reverse(params), points[::-1], True, tol)
+    # The walk's step t gives G_{L-1-t}: G_l is recorded at step L - 1 - l (G_0 never is).
+    rec = None if record is None else jnp.concatenate([record[:-1][::-1], jnp.zeros(1, bool)])
+    logs_rev = _walk_products(flat, _reverse(params), points[::-1], True, tol, rec)
     identity = jnp.zeros((1, points.shape[1]), points.dtype)
     return jnp.concatenate([logs_rev[:-1][::-1], identity])
 
@@ -244,7 +269,9 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
     if method == "exact":
         if direction == "forward":  # layers past the deepest requested one are never needed
             params = _truncate(params, int(wanted.max()))
-        logs = _exact_jit(step3, shared, params, h0, direction=direction, tol=tol)[wanted - 1]
+        record = np.zeros(_depth_of(params), bool)
+        record[wanted - 1] = True
+        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol)[wanted - 1]
     else:
         shape = tuple(h0.shape)
         flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
@@ -257,6 +284,9 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
 def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
     """Apply n_steps layers of the walk to the rows of a log-scaled block (dynamic trip count).
 
+    Returns orthonormal rows and the log singular values of the block's product (Jacobi once, at
+    the end; each layer only re-factors).
+
     Up (down=False): layers 0 .. n_steps-1 in walk order, each by A (or A^T if transpose).
     Down (down=True): the adjoint of that, layers n_steps-1 .. 0, each by A^T (or A).
     """
@@ -266,9 +296,10 @@ def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
         i = jnp.where(down, n_steps - 1 - t, t)
         p = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
         h = lax.dynamic_index_in_dim(points, i, keepdims=False)
-        return _jacobi.qr_step(_apply_rows(flat, p, h, c, transpose != down), s, tol=tol)
+        return _jacobi.carry_step(_apply_rows(flat, p, h, c, transpose != down), s)
 
-    return lax.fori_loop(0, n_steps, body, (c, s))
+    c, s = lax.fori_loop(0, n_steps, body, (c, s))
+    return _jacobi.qr_step(c, s, tol=tol)  # orthonormal rows, exp(s) the singular values
 
 
 def _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol, refine_tol=1e-5):
