@@ -352,6 +352,12 @@ def test_model_spectra_compiles_once_per_model_and_shape():
     walk = model.walk(v2, x)  # and the new variables are the ones used
     ref = spectra.jacobian_spectra(walk.step, walk.params, walk.h0)
     np.testing.assert_allclose(res.log_singular_values, ref.log_singular_values, atol=1e-5)
+    # topk likewise: one program for every depth and every set of variables of these shapes
+    spectra.model_spectra(model, v1, x, method="topk", k=2, depths=[1])
+    compiled = core._topk_at_depth._cache_size()
+    top = spectra.model_spectra(model, v2, x, method="topk", k=2, depths=[2, 3])
+    assert core._topk_at_depth._cache_size() == compiled
+    np.testing.assert_allclose(top.log_singular_values, res.log_singular_values[1:, :2], atol=1e-4)
 
 
 def test_qr_lq_jacobi_step_on_a_graded_matrix_against_float64():

@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--legacy-depth", type=int, default=16, help="depth for old vs new (old is slow)")
     p.add_argument("--skip-baseline", action="store_true", help="the O(L^2) baseline is slow at large L")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--skip-topk", action="store_true")
     a = p.parse_args()
     L, n = a.depth, a.width
     w, h0 = weights(L, n, a.sigma_w)
@@ -245,6 +246,21 @@ def main() -> None:
                 hs,
             )
             print(f"  L={ll:4d} N={nn:4d}: {t:7.3f} s ({t / ll * 1e3:7.2f} ms/layer)")
+
+    if not a.skip_topk:
+        tl, tn, tk = 32, 1024, 16
+        ws, hs = weights(tl, tn, a.sigma_w, seed=4)
+        top = lambda w, h: jnp.asarray(  # noqa: E731
+            spectra.jacobian_spectra(step, w, h, depths=[tl], method="topk", k=tk).log_singular_values
+        )
+        t0 = time.perf_counter()
+        jax.block_until_ready(top(ws, hs))
+        first = time.perf_counter() - t0
+        _, t_top = timed(top, ws, hs, repeats=1)
+        print(
+            f"\nmatrix-free top-{tk} at L={tl}, N={tn} (depth {tl}): {t_top:.2f} s "
+            f"({t_top / tl * 1e3:.0f} ms/layer over all refinement rounds; first call +{first - t_top:.1f} s compile)"
+        )
 
     with x64():
         sv64 = np.asarray(

@@ -273,11 +273,8 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
         record[wanted - 1] = True
         logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol)[wanted - 1]
     else:
-        shape = tuple(h0.shape)
-        flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
-        points = _states(flat, params, h0.reshape(-1))
         key = jax.random.key(0) if key is None else key
-        logs = _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol)
+        logs = _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol)
     return SpectraResult(depths=wanted, log_singular_values=np.asarray(logs)[:, :k], direction=direction)
 
 
@@ -302,47 +299,70 @@ def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
     return _jacobi.qr_step(c, s, tol=tol)  # orthonormal rows, exp(s) the singular values
 
 
-def _topk(flat, params, points, wanted, depth, direction, k, oversample, refine, key, tol, refine_tol=1e-5):
+def _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol):
     """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J."""
-    n = points.shape[1]
+    n = int(h0.size)
     m = min(n, k + oversample)
-    x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), points.dtype))[0].T  # (m, n) orthonormal rows
-    transpose = direction == "backward"
+    x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), h0.dtype))[0].T  # (m, n) orthonormal rows
+    depth = _depth_of(params)
+    # Depths in walk order, each started from the previous one's right singular block: the
+    # input-side singular directions of a product settle as it deepens (Oseledets), so the
+    # deeper depths need fewer refinement rounds.
+    steps = {int(l): int(l) if direction == "forward" else depth - int(l) for l in wanted}
+    logs, x = {}, x0
+    for l in sorted(steps, key=steps.get):
+        if steps[l] == 0:  # G_L = I
+            logs[l] = jnp.zeros(m, h0.dtype)
+        else:
+            logs[l], x = _topk_at_depth(
+                step3,
+                shared,
+                params,
+                h0,
+                x,
+                steps[l],
+                k=k,
+                transpose=direction == "backward",
+                refine=refine,
+                tol=tol,
+            )
+    return jnp.stack([logs[int(l)] for l in wanted])
+
+
+@functools.partial(jax.jit, static_argnames=("step3", "k", "transpose", "refine", "tol", "refine_tol"))
+def _topk_at_depth(step3, shared, params, h0, x0, n_steps, *, k, transpose, refine, tol, refine_tol=1e-5):
+    """Top log singular values of the n_steps-layer product, from the start block x0 (m, N).
+
+    Module-level and jitted on the step (cached like `_exact_jit`), so a new depth, input or
+    set of variables of the same shapes reuses the compiled program. Returns (log sigma (m,),
+    the final right singular block, the start for a deeper depth).
+    """
+    shape = tuple(h0.shape)
+    flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
+    points = _states(flat, params, h0.reshape(-1))
     if transpose:
         params, points = _reverse(params), points[::-1]
+    zeros = jnp.zeros(x0.shape[0], points.dtype)
+    up = lambda x: _layers(flat, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
+    down = lambda u: _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
+    top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
 
-    @jax.jit
-    def at_depth(n_steps):
-        zeros = jnp.zeros(m, points.dtype)
-        up = lambda x: _layers(flat, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
-        down = lambda u: _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
-        top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
+    def cond(state):
+        return (state[3] > refine_tol) & (state[4] < refine)
 
-        def cond(state):
-            _, _, change, it = state
-            return (change > refine_tol) & (it < refine)
+    def body(state):
+        # Subspace iteration on J^T J: left singular directions U (the rows, orthonormal, their
+        # dead rows zeroed) go down through J^T; the resulting right directions come back up.
+        c, s, _, _, it = state
+        u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
+        x, _ = down(u)
+        c2, s2 = up(x)
+        return c2, s2, x, jnp.max(jnp.abs(top(s2) - top(s))), it + 1
 
-        def body(state):
-            # Subspace iteration on J^T J: left singular directions U (the rows, orthonormal, their
-            # dead rows zeroed) go down through J^T; the resulting right directions come back up.
-            c, s, _, it = state
-            u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
-            x, _ = down(u)
-            c2, s2 = up(x)
-            return c2, s2, jnp.max(jnp.abs(top(s2) - top(s))), it + 1
-
-        c, s = up(x0)
-        _, s, _, _ = lax.while_loop(cond, body, (c, s, jnp.asarray(jnp.inf, points.dtype), 0))
-        return jnp.sort(s)[::-1]
-
-    logs = []
-    for l in wanted:
-        n_steps = int(l) if direction == "forward" else depth - int(l)
-        if n_steps == 0:  # G_L = I
-            logs.append(jnp.zeros(m, points.dtype))
-        else:
-            logs.append(at_depth(n_steps))
-    return jnp.stack(logs)
+    c, s = up(x0)
+    state = (c, s, x0, jnp.asarray(jnp.inf, points.dtype), 0)
+    _, s, x, _, _ = lax.while_loop(cond, body, state)
+    return jnp.sort(s)[::-1], x
 
 
 def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None = None) -> jax.Array:
