@@ -345,6 +345,7 @@ def test_model_spectra_compiles_once_per_model_and_shape():
     model = MLPStack(depth=3, width=4, activation="tanh", num_outputs=None)
     x = jax.random.normal(jax.random.key(19), (3,))
     v1, v2 = (model.init(jax.random.key(i), x[None]) for i in (20, 21))
+    w1 = _gaussian_factors(jax.random.key(22), 3, 3)
     spectra.model_spectra(model, v1, x)
     compiled = core._exact_jit._cache_size()
     res = spectra.model_spectra(model, v2, x)
@@ -358,6 +359,12 @@ def test_model_spectra_compiles_once_per_model_and_shape():
     top = spectra.model_spectra(model, v2, x, method="topk", k=2, depths=[2, 3])
     assert core._topk_at_depth._cache_size() == compiled
     np.testing.assert_allclose(top.log_singular_values, res.log_singular_values[1:, :2], atol=1e-4)
+    # and the Lyapunov exponents: new params of the same shapes, same program, their own values
+    lyap = [spectra.lyapunov_exponents(linear_step, 2 * w1, jnp.zeros(3))]
+    compiled = core._lyapunov._cache_size()
+    lyap.append(spectra.lyapunov_exponents(linear_step, 3 * w1, jnp.zeros(3)))
+    assert core._lyapunov._cache_size() == compiled
+    np.testing.assert_allclose(lyap[1] - lyap[0], np.log(1.5), atol=1e-5)
 
 
 def test_qr_lq_jacobi_step_on_a_graded_matrix_against_float64():

@@ -379,29 +379,29 @@ def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None 
       (k,) array, sorted descending; -inf for directions the map annihilates.
     """
     h0 = jnp.asarray(h0)
-    depth = _depth_of(params)
+    _depth_of(params)  # checks the depth axis
     n = int(h0.size)
     k = n if k is None else k
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
-    flat = _flat_step(step, tuple(h0.shape))
+    return _lyapunov(_flat_step(step, tuple(h0.shape)), params, h0.reshape(-1), k=k)
 
-    @jax.jit
-    def run(params, h0):
-        points = _states(flat, params, h0)
 
-        def body(carry, xs):
-            q, acc = carry
-            p, h = xs
-            y = _apply_rows(flat, p, h, q.T, False).T  # (n, k) = A_l Q
-            q, r = jnp.linalg.qr(y)
-            return (q, acc + jnp.log(jnp.abs(jnp.diagonal(r)))), None
+@functools.partial(jax.jit, static_argnames=("flat", "k"))
+def _lyapunov(flat: Step, params: Any, h0: jax.Array, *, k: int) -> jax.Array:
+    """`lyapunov_exponents` on flat states; module-level, so equal steps reuse the program."""
+    points = _states(flat, params, h0)
 
-        q0 = jnp.eye(n, k, dtype=h0.dtype)
-        (_, acc), _ = lax.scan(body, (q0, jnp.zeros(k, h0.dtype)), (params, points))
-        return jnp.sort(acc / depth)[::-1]
+    def body(carry, xs):
+        q, acc = carry
+        p, h = xs
+        y = _apply_rows(flat, p, h, q.T, False).T  # (n, k) = A_l Q
+        q, r = jnp.linalg.qr(y)
+        return (q, acc + jnp.log(jnp.abs(jnp.diagonal(r)))), None
 
-    return run(params, h0.reshape(-1))
+    q0 = jnp.eye(h0.shape[0], k, dtype=h0.dtype)
+    (_, acc), _ = lax.scan(body, (q0, jnp.zeros(k, h0.dtype)), (params, points))
+    return jnp.sort(acc / points.shape[0])[::-1]
 
 
 def model_spectra(
