@@ -139,9 +139,9 @@ def _walk_products(
         return c, s, jnp.full_like(s, jnp.nan)
 
     def body(carry, xs):
-        _, s = carry
-        c = _apply_rows(step, xs[0], xs[1], carry[0], transpose)
-        q, c, s = _jacobi.precondition(c, s)
+        c, s = carry
+        p, h = xs[0], xs[1]
+        q, c, s = _jacobi.precondition(_apply_rows(step, p, h, c, transpose), s)
         if record is None:
             c, s, logs = readout(c, s)
         else:  # a real branch even under vmap: the mask is never batched
@@ -306,8 +306,8 @@ def _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, k
     x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), h0.dtype))[0].T  # (m, n) orthonormal rows
     depth = _depth_of(params)
     # Depths in walk order, each started from the previous one's right singular block: the
-    # input-side singular directions of a product settle as it deepens (Oseledets), so the
-    # deeper depths need fewer refinement rounds.
+    # input-side singular directions of a product settle as it deepens (Oseledets), so a deeper
+    # depth starts nearer its answer (tanh, N = 1024, depth 32: 8 rounds instead of 10).
     steps = {int(l): int(l) if direction == "forward" else depth - int(l) for l in wanted}
     logs, x = {}, x0
     for l in sorted(steps, key=steps.get):
@@ -334,8 +334,8 @@ def _topk_at_depth(step3, shared, params, h0, x0, n_steps, *, k, transpose, refi
     """Top log singular values of the n_steps-layer product, from the start block x0 (m, N).
 
     Module-level and jitted on the step (cached like `_exact_jit`), so a new depth, input or
-    set of variables of the same shapes reuses the compiled program. Returns (log sigma (m,),
-    the final right singular block, the start for a deeper depth).
+    set of variables of the same shapes reuses the compiled program. Returns the m log singular
+    values, sorted descending, and the final right singular block (the start for a deeper depth).
     """
     shape = tuple(h0.shape)
     flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
