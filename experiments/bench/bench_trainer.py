@@ -36,15 +36,7 @@ from gradflow.optim import OptimConfig, make_optimizer
 
 def _timed(fn, *args, repeats: int) -> tuple[float, float]:
     """(first call, best of `repeats` later calls) in seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return first, best
+    return _timed_in_turns({"": (fn, args)}, repeats)[""]
 
 
 def _timed_in_turns(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:

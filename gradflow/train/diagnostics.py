@@ -124,11 +124,6 @@ def layer_norms(params: Any) -> jax.Array:
     return tree_norm(params)[None]
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.isfinite(_flat(leaves, 1))) if leaves else jnp.array(True)
-
-
 def tree_finite(tree: Any) -> jax.Array:
     """True iff every element of every leaf is finite (scalar bool).
 
@@ -147,13 +142,13 @@ def layer_finite(params: Any) -> jax.Array:
         blocks = params["blocks"]
         leaves = jax.tree_util.tree_leaves(blocks)
         per_block = jnp.all(jnp.isfinite(_flat(leaves, leaves[0].shape[0])), axis=1)
-        pre = [_all_finite(params["embed"])[None]] if "embed" in params else []
-        post = [_all_finite(params["head"])[None]] if "head" in params else []
-        rest = [_all_finite(params[k])[None] for k in params if k not in ("embed", "blocks", "head")]
+        pre = [tree_finite(params["embed"])[None]] if "embed" in params else []
+        post = [tree_finite(params["head"])[None]] if "head" in params else []
+        rest = [tree_finite(params[k])[None] for k in params if k not in ("embed", "blocks", "head")]
         return jnp.concatenate(pre + [per_block] + post + rest)
     if isinstance(params, Mapping):
-        return jnp.stack([_all_finite(params[k]) for k in params])
-    return _all_finite(params)[None]
+        return jnp.stack([tree_finite(params[k]) for k in params])
+    return tree_finite(params)[None]
 
 
 def activation_fn(model: Any) -> Callable | None:

@@ -48,7 +48,7 @@ from jax.typing import ArrayLike
 
 from gradflow.optim import OptimConfig, make_optimizer
 from gradflow.train.diagnostics import is_stack, layer_names
-from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.state import TrainConfig, TrainState, init_state, init_variables, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
 Data = tuple[Any, Any, Any, Any]
@@ -335,8 +335,7 @@ def sweep(
 
 def _check_variables(model: nn.Module, variables: dict, x: np.ndarray) -> None:
     """Raise a ValueError naming the first leaf of `variables` that `model.init` would not make."""
-    key = jax.random.key(0)
-    want = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, x))
+    want = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), x))
     want = {k: want[k] for k in variables if k in want}
     got_leaves = jax.tree_util.tree_leaves_with_path(variables)
     want_leaves = jax.tree_util.tree_leaves_with_path(want)
