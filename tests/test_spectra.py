@@ -104,10 +104,13 @@ def test_matches_float64_on_a_tanh_net_forward_and_backward():
         assert ok.mean() > 0.8
         np.testing.assert_allclose(res.log_singular_values[ok], ref[ok], atol=2e-4)
         # chosen depths: the layers between them are only re-factored, never Jacobi-converged
-        some = np.array([2, 7, depth - 1])
-        part = spectra.jacobian_spectra(step, w, h0, depths=some, direction=direction)
-        ok = _reliable(ref[some - 1])
-        np.testing.assert_allclose(part.log_singular_values[ok], ref[some - 1][ok], atol=2e-4)
+        # and only the layers they contain are walked (forward: up to the deepest; backward: from
+        # the shallowest, the input carried there without Jacobians)
+        for some in (np.array([2, 7, depth - 1]), np.array([depth - 3]), np.array([1]), np.array([depth])):
+            part = spectra.jacobian_spectra(step, w, h0, depths=some, direction=direction)
+            np.testing.assert_array_equal(part.depths, some)
+            ok = _reliable(ref[some - 1])
+            np.testing.assert_allclose(part.log_singular_values[ok], ref[some - 1][ok], atol=2e-4)
 
 
 def test_full_spectrum_beyond_float64_against_mpmath():

@@ -184,16 +184,23 @@ def _exact(step3, shared, params, h0, record=None, *, direction, tol):
     points = _states(flat, params, h0.reshape(-1))
     if direction == "forward":
         return _walk_products(flat, params, points, False, tol, record)
-    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ...; after the step through A_m^T the
-    # product is G_{m-1}^T, so the reversed rows are G_{L-1}, ..., G_0; G_L = I closes the list.
-    # The walk's step t gives G_{L-1-t}: G_l is recorded at step L - 1 - l (G_0 never is).
-    rec = None if record is None else jnp.concatenate([record[:-1][::-1], jnp.zeros(1, bool)])
-    logs_rev = _walk_products(flat, _reverse(params), points[::-1], True, tol, rec)
+    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ..., A_2^T (A_1 only feeds G_0, which
+    # is not a layer's product); after the step through A_m^T the product is G_{m-1}^T, so the
+    # walk's step t gives G_{L-1-t} and the reversed rows are G_1 .. G_{L-1}; G_L = I closes them.
+    rec = None if record is None else record[:-1][::-1]
+    above = lambda a: a[:0:-1]  # noqa: E731  (layers L .. 2, walk order)
+    logs_rev = _walk_products(flat, jax.tree_util.tree_map(above, params), above(points), True, tol, rec)
     identity = jnp.zeros((1, points.shape[1]), points.dtype)
-    return jnp.concatenate([logs_rev[:-1][::-1], identity])
+    return jnp.concatenate([logs_rev[::-1], identity])
 
 
 _exact_jit = jax.jit(_exact, static_argnames=("step3", "direction", "tol"))
+
+
+@functools.partial(jax.jit, static_argnames=("step3",))
+def _advance(step3, shared, params, h0):
+    """h0 carried through the layers of params: the forward pass alone."""
+    return lax.scan(lambda h, p: (step3(shared, p, h), None), h0, params)[0]
 
 
 def jacobian_spectra(
@@ -267,11 +274,19 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
 
     if method == "exact":
-        if direction == "forward":  # layers past the deepest requested one are never needed
-            params = _truncate(params, int(wanted.max()))
+        # Walk only the layers the requested products contain: J_l needs layers 1..l, G_l layers
+        # l+1..L; below the shallowest G_l the input is just carried forward (no Jacobians).
+        if direction == "forward":
+            params, base = _truncate(params, int(wanted.max())), 0
+        else:
+            base = int(wanted.min()) - 1
+            if base:
+                h0 = _advance(step3, shared, _truncate(params, base), h0)
+                params = jax.tree_util.tree_map(lambda a: a[base:], params)
         record = np.zeros(_depth_of(params), bool)
-        record[wanted - 1] = True
-        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol)[wanted - 1]
+        record[wanted - base - 1] = True
+        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol)
+        logs = logs[wanted - base - 1]
     else:
         key = jax.random.key(0) if key is None else key
         logs = _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol)
