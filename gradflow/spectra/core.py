@@ -12,8 +12,10 @@ with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-facto
 log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then LQ of the
 graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix with
 nearly orthogonal rows, which is all the next layer needs. At a requested depth one-sided Jacobi
-sweeps then orthogonalize those rows until a Gram product shows every cosine below `tol`;
-log sigma = sorted s. Layers that are not requested cost the two QRs only. Nothing is formed at
+sweeps then orthogonalize those rows until a Gram product shows every cosine below `tol`
+(banded sweeps where that product puts the pairs above `tol` near the diagonal, as it does deep in
+a product); log sigma = sorted s. Layers that are not requested cost the two QRs only, and layers
+no requested product contains are not walked. Nothing is formed at
 the scale of the product, so sigma = 1e-600 or 1e+600 is as accurate as sigma = 1, and the Jacobi
 step keeps high relative accuracy for the smallest singular values (Demmel & Veselic 1992) where
 SVD of the accumulated product loses everything below eps * sigma_max.
