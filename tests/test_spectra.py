@@ -308,6 +308,8 @@ def test_bad_input_is_named():
         )
     with pytest.raises(ValueError, match="no layer-walking interface"):
         spectra.model_spectra(object(), {}, jnp.zeros(3))
+    with pytest.raises(ValueError, match="oversample must be >= 0"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), method="topk", k=2, oversample=-1)
 
 
 def test_float64_engine_resolves_what_float32_cannot():

@@ -26,10 +26,10 @@ precision can resolve is a singular value below eps * ||A_l|| of a single, intri
 ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
 (`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
 
-Method ("topk"): the same recursion on k + oversample rows started from a random orthonormal block
-(J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through J_l^T J_l
-(vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e. matrix-free: memory
-O((k + oversample) N + L N), never N x N.
+Method ("topk"): the same recursion on k + oversample rows (default 2k) from a random orthonormal
+block (J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through
+J_l^T J_l (vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e.
+matrix-free: memory O((k + oversample) N + L N), never N x N.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def jacobian_spectra(
     method: str = "exact",
     k: int | None = None,
     direction: str = "forward",
-    oversample: int = 8,
+    oversample: int | None = None,
     refine: int = 50,
     key: jax.Array | None = None,
     tol: float | None = None,
@@ -229,7 +229,9 @@ def jacobian_spectra(
       method: "exact" (all N singular values) or "topk" (matrix-free, the k largest).
       k: number of singular values kept (default: all for exact; required for topk).
       direction: "forward" (J_l) or "backward" (G_l).
-      oversample, refine, key: topk only: extra block columns, the most subspace-iteration rounds
+      oversample, refine, key: topk only: extra block columns (default k: the block is 2k wide;
+        tanh, N = 1024, depth 32, k = 4/16/32: 2.7x/1.5x/1.4x faster than 8 extra columns, since
+        the rounds fall faster than their cost grows), the most subspace-iteration rounds
         at each requested depth (it stops once the top k log sigma move by < 1e-5), and the PRNG
         key of the random start block.
       tol: Jacobi convergence tolerance on pair cosines (default 8 N eps).
@@ -274,6 +276,8 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
         k = n
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
+    if oversample is not None and oversample < 0:
+        raise ValueError(f"oversample must be >= 0 (extra block columns for topk), got {oversample}")
 
     if method == "exact":
         # Walk only the layers the requested products contain: J_l needs layers 1..l, G_l layers
@@ -319,7 +323,7 @@ def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
 def _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol):
     """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J."""
     n = int(h0.size)
-    m = min(n, k + oversample)
+    m = min(n, k + (k if oversample is None else oversample))
     x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), h0.dtype))[0].T  # (m, n) orthonormal rows
     depth = _depth_of(params)
     # Depths in walk order, each started from the previous one's right singular block: the
