@@ -415,7 +415,7 @@ def test_banded_sweeps_on_a_deep_product_against_float64():
     from gradflow.spectra import _jacobi, core
 
     # N = 64 rows take the banded path; at depth 24 the pairs above tolerance after the QR + LQ
-    # preconditioning lie in a band narrow enough for it, so the readout uses banded sweeps.
+    # preconditioning lie in a band narrow enough for it, so the readout starts with a banded sweep.
     depth, n = 24, _jacobi.BANDED_MIN_ROWS
     w = _gaussian_factors(jax.random.key(30), depth, n, 1.05)
     step = lambda w, h: jnp.tanh(w @ h)
@@ -429,6 +429,9 @@ def test_banded_sweeps_on_a_deep_product_against_float64():
     _, c, s = _jacobi.precondition(apply(w[-1], points[-1], rows), s)
     _, band = _jacobi.off_diagonal(c, 8 * n * float(jnp.finfo(jnp.float32).eps))
     assert _jacobi._banded_pays(band, n)
+    _, s_last, _ = jax.jit(_jacobi.orthogonalize)(c, s)  # the readout at depth 24, unbatched
+    ok = _reliable(ref[-1:])[0]
+    np.testing.assert_allclose(np.sort(np.asarray(s_last))[::-1][ok], ref[-1][ok], atol=2e-4)
     # every depth, vmapped over two weight scales: the batch takes one kind of sweep at a time
     # (banded with the widest member's band, or full), and each member is right
     ws = jnp.stack([w, 1.1 * w])
