@@ -176,33 +176,31 @@ def log_singular_values(
     return _exact(_lift(step), None, params, h0, direction=direction, tol=tol)
 
 
-def _exact(step3, shared, params, h0, record=None, *, direction, tol):
+def _exact(step3, shared, params, h0, record=None, *, direction, tol, skip=0):
     """log_singular_values for step3(shared, params_l, h), shared traced (see `_walk_step`).
 
     record: optional (L,) bool mask of the depths l = 1..L wanted (other rows NaN).
+    skip (backward only): G_1 .. G_skip are not wanted, so the walk stops above layer skip + 1
+    (their rows are NaN; the forward pass still goes through every layer).
     """
     shape = tuple(h0.shape)
     flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
     points = _states(flat, params, h0.reshape(-1))
     if direction == "forward":
         return _walk_products(flat, params, points, False, tol, record)
-    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ..., A_2^T (A_1 only feeds G_0, which
-    # is not a layer's product); after the step through A_m^T the product is G_{m-1}^T, so the
-    # walk's step t gives G_{L-1-t} and the reversed rows are G_1 .. G_{L-1}; G_L = I closes them.
-    rec = None if record is None else record[:-1][::-1]
-    above = lambda a: a[:0:-1]  # noqa: E731  (layers L .. 2, walk order)
+    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ..., A_{skip+2}^T (A_1 only ever feeds
+    # G_0, which is not a layer's product); after the step through A_m^T the product is
+    # G_{m-1}^T, so the walk's step t gives G_{L-1-t} and the reversed rows are G_{skip+1} ..
+    # G_{L-1}; G_L = I closes them.
+    rec = None if record is None else record[skip:-1][::-1]
+    above = lambda a: a[:skip:-1]  # noqa: E731  (layers L .. skip + 2, walk order)
     logs_rev = _walk_products(flat, jax.tree_util.tree_map(above, params), above(points), True, tol, rec)
-    identity = jnp.zeros((1, points.shape[1]), points.dtype)
-    return jnp.concatenate([logs_rev[::-1], identity])
+    n = points.shape[1]
+    unwanted = jnp.full((skip, n), jnp.nan, points.dtype)
+    return jnp.concatenate([unwanted, logs_rev[::-1], jnp.zeros((1, n), points.dtype)])
 
 
-_exact_jit = jax.jit(_exact, static_argnames=("step3", "direction", "tol"))
-
-
-@functools.partial(jax.jit, static_argnames=("step3",))
-def _advance(step3, shared, params, h0):
-    """h0 carried through the layers of params: the forward pass alone."""
-    return lax.scan(lambda h, p: (step3(shared, p, h), None), h0, params)[0]
+_exact_jit = jax.jit(_exact, static_argnames=("step3", "direction", "tol", "skip"))
 
 
 def jacobian_spectra(
@@ -281,18 +279,16 @@ def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversam
 
     if method == "exact":
         # Walk only the layers the requested products contain: J_l needs layers 1..l, G_l layers
-        # l+1..L; below the shallowest G_l the input is just carried forward (no Jacobians).
+        # l+1..L (below the shallowest G_l the forward pass alone goes).
+        skip = 0
         if direction == "forward":
-            params, base = _truncate(params, int(wanted.max())), 0
+            params = _truncate(params, int(wanted.max()))
         else:
-            base = int(wanted.min()) - 1
-            if base:
-                h0 = _advance(step3, shared, _truncate(params, base), h0)
-                params = jax.tree_util.tree_map(lambda a: a[base:], params)
+            skip = int(wanted.min()) - 1
         record = np.zeros(_depth_of(params), bool)
-        record[wanted - base - 1] = True
-        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol)
-        logs = logs[wanted - base - 1]
+        record[wanted - 1] = True
+        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol, skip=skip)
+        logs = logs[wanted - 1]
     else:
         key = jax.random.key(0) if key is None else key
         logs = _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol)
