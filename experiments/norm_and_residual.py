@@ -7,7 +7,7 @@ Four deep ReLU stacks (`MLPStack`, He-normal kernels) on MNIST-1D:
   - "rezero":      h' = h + alpha (W relu(h) + b), alpha = 0 at init
 
 Claims at initialization, on per-layer gradient norms ||dL/dh_l|| of the block outputs h_l
-(the residual stream), taken through the batch map (`model.walk(train=True)`) with a
+(the residual stream), taken through the batch map (`model.chain(train=True)`) with a
 perturbation added to every h_l:
   1. BatchNorm without residual: ||dL/dh_l||^2 grows by lambda = E[phi'(z)^2] / Var[phi(z)]
      per block going down, pi / (pi - 1) = 1.4675 for ReLU at large batch (Yang et al. 2019,
@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from gradflow import data, initializers, theory, train
 from gradflow.nn import MLPStack
@@ -81,21 +80,13 @@ def init_measurements(model: MLPStack, x: jax.Array, y: jax.Array, seeds: int) -
 
     def one(key):
         variables = model.init(key, x)
-        walk = model.walk(variables, x, train=True)
-
-        def loss(eps_0, eps_LxBxW):
-            def body(h, p_e):
-                h = walk.step(p_e[0], h) + p_e[1]
-                return h, jnp.mean(h**2)
-
-            h, m2 = lax.scan(body, walk.h0 + eps_0, (walk.params, eps_LxBxW))
-            logits = walk.readout(h)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), m2
-
-        eps = jnp.zeros((model.depth,) + walk.h0.shape, walk.h0.dtype)
-        (g0, g), m2 = jax.grad(loss, argnums=(0, 1), has_aux=True)(jnp.zeros_like(walk.h0), eps)
+        c = model.chain(variables, x, train=True)
+        loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(c.readout(h), y).mean()  # noqa: E731
+        g0, (g,) = c.state_gradients(loss)
+        (hs,) = c.states()
         norms = jnp.concatenate([stable_norm(g0)[None], jax.vmap(stable_norm)(g)])
-        return norms, jnp.concatenate([jnp.mean(walk.h0**2)[None], m2])
+        m2 = jnp.mean(hs.reshape(hs.shape[0], -1) ** 2, axis=1)
+        return norms, jnp.concatenate([jnp.mean(c.h0**2)[None], m2])
 
     keys = jax.random.split(jax.random.key(0), seeds)
     norms, m2 = jax.jit(jax.vmap(one))(keys)

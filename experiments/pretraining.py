@@ -65,7 +65,7 @@ from gradflow.initializers import glorot_normal
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
 from gradflow.pretrain import PretrainConfig, finetune, layer_grad_norms, pretrain
-from gradflow.train import TrainConfig, init_state, layer_names, run_keys
+from gradflow.train import TrainConfig, init_state, layout, run_keys
 
 PRETRAIN_LR = 1e-2
 FULL_SIZE = dict(
@@ -179,7 +179,7 @@ def run(
         "pretrained": _arm(model, pre.params, train_cfg, ds),
     }
 
-    names = layer_names(params)  # embed, blocks[1..L], head
+    names = layout(model, {"params": params}, ds.x_train[:1]).names  # embed, blocks[1..L], head
     s, p = arms["scratch"]["grad_norm_start"], arms["pretrained"]["grad_norm_start"]
     fvu = np.asarray(pre.loss_after) / np.asarray(pre.input_var)
     result = {

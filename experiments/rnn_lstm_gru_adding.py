@@ -9,7 +9,7 @@ d h_T / d h_t vanishes for the RNN and is carried by the gates for the LSTM / GR
 Measured: the test MSE of each model after a fixed Adam budget (global-norm clipping 1),
 against the baseline MSE of predicting 1 on the same test set; and the gradient of the loss
 with respect to the recurrent state through time, ||d loss / d s_t|| for t = 1..T (s the
-flat carry walked by `model.walk`: h for the RNN and GRU, [c; h] for the LSTM), on test
+flat carry of `model.chain`: h for the RNN and GRU, [c; h] for the LSTM), on test
 sequences, at initialization and after training, computed in float64 so that the RNN's
 vanishing gradients do not underflow. `decay_decades` is log10 ||dL/ds_T|| - log10 ||dL/ds_1||
 (the decades the gradient loses from the last step back to the first), averaged over sequences.
@@ -64,7 +64,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from gradflow import data, spectra, train
 from gradflow.nn import GRUStack, LSTMStack, RNNStack
@@ -83,7 +82,7 @@ def _cpu_seconds() -> float:
 def grad_through_time(model: nn.Module, params: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """log10 ||d loss_b / d s_t|| for each step t and sequence b, shape (T, B), in float64.
 
-    The state s_t is the flat carry of `model.walk` ([c; h] for an LSTM); loss_b is the squared
+    The state s_t is the flat carry of `model.chain` ([c; h] for an LSTM); loss_b is the squared
     error of sequence b's prediction head(h_T). The gradient at every t comes from one backward
     pass: a zero perturbation e_t is added to each s_t and differentiated against.
     """
@@ -95,21 +94,14 @@ def grad_through_time(model: nn.Module, params: dict, x: np.ndarray, y: np.ndarr
 
 @functools.partial(jax.jit, static_argnums=0)
 def _grad_through_time(model, params, x, y):
-    walk = model.walk({"params": params}, x)
+    c = model.chain({"params": params}, x)
     head = nn.Dense(y.shape[-1], parent=None)
 
-    def total_loss(eps_TxBxN):
-        def body(s, inputs):
-            x_t, e_t = inputs
-            s = walk.step(x_t, s) + e_t
-            return s, None
-
-        s_T, _ = lax.scan(body, walk.h0, (walk.params, eps_TxBxN))
+    def total_loss(s_T):
         out = head.apply({"params": params["head"]}, s_T[..., -model.hidden :])  # h is the carry's tail
         return jnp.sum((out - y) ** 2)  # summed: row b of the gradient is sequence b's own
 
-    eps = jnp.zeros((x.shape[1], *walk.h0.shape), x.dtype)
-    g_TxBxN = jax.grad(total_loss)(eps)
+    (g_TxBxN,) = c.state_gradients(total_loss)[1]
     return jnp.log10(jnp.linalg.norm(g_TxBxN, axis=-1))
 
 

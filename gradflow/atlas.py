@@ -300,21 +300,23 @@ def _spectra_group(
     model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer log singular values (S, L, N) at initialization for each weight scale, and
-    whether each forward pass stayed finite (S,): walk and spectra in one compiled, vmapped
+    whether each forward pass stayed finite (S,): chain and spectra in one compiled, vmapped
     call, from the initialization the training run starts from."""
 
     def one(scale, variables):
-        walk = model.walk(variables, x_spec if bn else x_spec[0], train=bn)
-        p = dict(walk.params)
-        p["params"] = scale_kernels(p["params"], scale)
+        c = model.chain(variables, x_spec if bn else x_spec[0], train=bn)
+        (seg,), h0 = c.segments, c.h0
+        p = dict(seg.params)
+        p["params"] = scale_kernels(p["params"], scale)  # the blocks' own kernels
+        step = lambda p_l, h: seg.step(seg.shared, p_l, h)  # noqa: E731
 
         def fwd(carry, p_l):
             h, ok = carry
-            h = walk.step(p_l, h)
+            h = step(p_l, h)
             return (h, ok & jnp.all(jnp.isfinite(h))), None
 
-        (_, finite), _ = jax.lax.scan(fwd, (walk.h0, jnp.asarray(True)), p)
-        return spectra.log_singular_values(walk.step, p, walk.h0), finite
+        (_, finite), _ = jax.lax.scan(fwd, (h0, jnp.asarray(True)), p)
+        return spectra.log_singular_values(step, p, h0), finite
 
     logs, finite = jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=COMPILER_OPTIONS)(
         jnp.asarray(scales, x_spec.dtype), variables
@@ -436,23 +438,16 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
     res = spectra.model_spectra(model, variables, x[0])
     logs = res.log_singular_values  # (T, N)
 
-    # ||dL/ds_t|| for every t in one backward pass: perturbations added to each state.
-    walk = model.walk(variables, x)
+    # ||dL/ds_t|| for every t in one backward pass (zero perturbations of every state).
+    c = model.chain(variables, x)
     hidden = cfg.width
     head = nn.Dense(1, parent=None)
 
-    def loss(eps):
-        def body(s, xs):
-            x_t, e = xs
-            s = walk.step(x_t, s) + e
-            return s, None
-
-        s_T, _ = jax.lax.scan(body, walk.h0, (walk.params, eps))
+    def loss(s_T):
         out = head.apply({"params": variables["params"]["head"]}, s_T[..., -hidden:])[..., 0]
         return jnp.mean((out - y.reshape(out.shape)) ** 2)
 
-    eps = jnp.zeros((case.seq_len, *walk.h0.shape), walk.h0.dtype)
-    g = jax.grad(loss)(eps)
+    (g,) = c.state_gradients(loss)[1]
     gnorm = np.asarray(jax.vmap(stable_norm)(g.reshape(case.seq_len, -1)))  # no underflow at 1e-19
     with np.errstate(all="ignore"):
         ratio = float(np.log(gnorm[0] / gnorm[-1])) if gnorm[-1] > 0 else None

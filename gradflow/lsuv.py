@@ -15,7 +15,7 @@ the paper (one number per layer, not one per unit):
   branch W_l phi(h_{l-1}) + b_l, before the ReZero/SkipInit multiplier (which is 0 at
   init, so the branch is what can be scaled). This is what the paper's reference
   implementation normalizes (the convolution / inner-product layer's output).
-- "block": the walked state h_l = phi(z_l) of a plain block (`model.walk(...).states()`);
+- "block": the walked state h_l = phi(z_l) of a plain block (`model.chain(...).states()`);
   for residual blocks identical to "dense" (h_l - h_{l-1} is the branch). For a bounded
   activation this target is a bad idea: Var(tanh(z)) < 1 for every finite z, and it reaches
   0.9 only at a pre-activation scale of about 8 (deep in the chaotic phase), after about 16
@@ -59,7 +59,7 @@ class LayerStats:
       var_init: output variance in the variables passed in.
       var_before: output variance after the orthonormal pre-init, before any rescaling
         (earlier layers already processed).
-      var_after: output variance in the returned variables (a fresh walk).
+      var_after: output variance in the returned variables (a fresh chain).
       iterations: rescalings applied (<= max_iters).
       scale: the factor by which the orthonormal kernel was multiplied.
       converged: |var_after - 1| < tol.
@@ -184,22 +184,22 @@ def _compiled(model: MLPStack, measure: str, include_head: bool) -> _Compiled:
         return h_next, state["intermediates"]["dense"]["__call__"][0]
 
     def variances(variables, x):
-        walk = model.walk(variables, x)
-        hs = walk.states()
-        inputs = jnp.concatenate([walk.h0[None], hs[:-1]], axis=0)  # h_0 .. h_{L-1}
-        _, outs = jax.vmap(block_fn)(walk.params, inputs)
-        out = [jnp.var(walk.h0)[None], jnp.var(outs.reshape(outs.shape[0], -1), axis=1)]
+        c = model.chain(variables, x)
+        (hs,) = c.states()
+        inputs = jnp.concatenate([c.h0[None], hs[:-1]], axis=0)  # h_0 .. h_{L-1}
+        _, outs = jax.vmap(block_fn)(c.segments[0].params, inputs)
+        out = [jnp.var(c.h0)[None], jnp.var(outs.reshape(outs.shape[0], -1), axis=1)]
         if include_head:
-            out.append(jnp.var(walk.readout(hs[-1]))[None])
+            out.append(jnp.var(c.readout(hs[-1]))[None])
         return jnp.concatenate(out)
 
     def embed_var(variables, k, x):
         params = _with(variables["params"], ("embed", "kernel"), k)
-        return jnp.var(model.walk({**variables, "params": params}, x).h0)
+        return jnp.var(model.chain({**variables, "params": params}, x).h0)
 
     def head_var(variables, k, x, h):
         params = _with(variables["params"], ("head", "kernel"), k)
-        return jnp.var(model.walk({**variables, "params": params}, x).readout(h))
+        return jnp.var(model.chain({**variables, "params": params}, x).readout(h))
 
     return _Compiled(jax.jit(variances), jax.jit(embed_var), jax.jit(block_fn), jax.jit(head_var))
 
@@ -226,7 +226,7 @@ def lsuv(
       max_iters: at most this many rescalings per layer (0: orthonormal pre-init only).
       key: for the orthonormal draws; None uses jax.random.key(0).
       measure: "dense" (the rescaled Dense layer's output: the pre-activation, or the branch
-        of a residual block) or "block" (the walked state h_l of a plain block).
+        of a residual block) or "block" (the state h_l of a plain block).
       include_head: also pre-init and rescale the head (when the model has one).
       orthonormal: pre-initialize kernels with orthonormal matrices (the paper's step 1);
         False rescales the given kernels.
@@ -268,7 +268,7 @@ def lsuv(
         trace.append((name, v0, iters, scale))
         return kernel * scale
 
-    # embed: h0 = x W + b, measured through the walk
+    # embed: h0 = x W + b, measured through the chain
     embed_k = params["embed"]["kernel"]
     if orthonormal:
         embed_k = jnp.asarray(_orthonormal(rng, embed_k.shape), embed_k.dtype)
@@ -277,13 +277,13 @@ def lsuv(
     params = _with(params, ("embed", "kernel"), embed_k)
 
     # blocks, in order; the input of block l is h_{l-1} of the already-rescaled stack
-    walk = model.walk({**variables, "params": params}, x)
+    c = model.chain({**variables, "params": params}, x)
     kernels = params["blocks"]["dense"]["kernel"]
     if orthonormal:
         kernels = jnp.asarray(_orthonormal(rng, kernels.shape), kernels.dtype)
-    h, new = walk.h0, []
+    h, new = c.h0, []
     for l in range(1, model.depth + 1):
-        v_l = walk.layer(l)
+        v_l = c.segments[0].layer_params(l - 1)
 
         def block_var(k, v_l=v_l, h=h):
             return jnp.var(fns.block(_with(v_l, ("params", "dense", "kernel"), k), h)[1])

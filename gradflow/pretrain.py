@@ -30,7 +30,7 @@ with width >= input dim it can reconstruct x exactly, so it mostly sets a well-c
 projection); layers 1..L are the blocks, each encoder its own dense + activation (the block's
 parameters sliced from the stacked depth axis). The head is the supervised layer and is left
 as given. Rows of the returned loss arrays follow the same order: row 0 = embed, row l =
-block l (the names of `gradflow.train.layer_names` without the head).
+block l (the names of `gradflow.train.layout(...).names` without the head).
 
 Compilation: the blocks are pretrained by one `lax.scan` over the depth axis (its carry the
 training-set representation h_{l-1}, its outputs the pretrained slices, which stack back into
@@ -366,14 +366,14 @@ def layer_grad_norms(
       task: "classification" or "regression" (`gradflow.train.task_loss`).
 
     Returns:
-      (L + 2,) norms in the order of `gradflow.train.layer_names`: embed, blocks 1..L, head.
+      (L + 2,) norms in the order of `gradflow.train.layout(...).names`: embed, blocks 1..L, head.
     """
 
     def loss(p):
         return task_loss(model.apply({"params": p}, jnp.asarray(x)), jnp.asarray(y), task)[0]
 
     grads = jax.grad(loss)(params)
-    blocks = dg.layer_norms(grads)
+    blocks = dg.layer_norms(dg.layout(model, {"params": params}, x), grads)
     return jnp.concatenate([dg.tree_norm(grads["embed"])[None], blocks, dg.tree_norm(grads["head"])[None]])
 
 

@@ -35,9 +35,9 @@ def result(vanishing, x):
 
 
 def _preacts(model, v, x):
-    """Independent oracle: z_l = h_{l-1} W_l + b_l from the walked states, by hand."""
-    walk = model.walk(v, x)
-    hs = jnp.concatenate([walk.h0[None], walk.states()[:-1]])
+    """Independent oracle: z_l = h_{l-1} W_l + b_l from the chain's states, by hand."""
+    c = model.chain(v, x)
+    hs = jnp.concatenate([c.h0[None], c.states()[0][:-1]])
     p = v["params"]["blocks"]["dense"]
     return jnp.einsum("lbi,lio->lbo", hs, p["kernel"]) + p["bias"][:, None, :]
 
@@ -49,7 +49,7 @@ def test_vanishing_tanh_stack_reaches_unit_variance_at_every_layer(vanishing, re
     assert before[-1] < 1e-6  # the init really is vanishing
     after = np.asarray(jnp.var(_preacts(model, v, x), axis=(1, 2)))
     assert np.all(np.abs(after - 1) < 0.1), after
-    assert abs(float(jnp.var(model.walk(v, x).h0)) - 1) < 0.1  # embed
+    assert abs(float(jnp.var(model.chain(v, x).h0)) - 1) < 0.1  # embed
     assert report.converged and [s.name for s in report.layers] == ["embed"] + [
         f"block {l}" for l in range(1, L + 1)
     ] + ["head"]
@@ -107,8 +107,8 @@ def test_residual_branch_and_rezero_alpha_kept(vanishing, x):
     np.testing.assert_array_equal(v["params"]["blocks"]["alpha"], 0.0)  # ReZero: still the identity
     np.testing.assert_array_equal(v["params"]["head"]["kernel"], v0["params"]["head"]["kernel"])
     # the branch W relu(h) + b has unit variance at every block (oracle by hand)
-    walk = model.walk(v, x)
-    hs = jnp.concatenate([walk.h0[None], walk.states()[:-1]])
+    c = model.chain(v, x)
+    hs = jnp.concatenate([c.h0[None], c.states()[0][:-1]])
     p = v["params"]["blocks"]["dense"]
     branch = jnp.einsum("lbi,lio->lbo", jax.nn.relu(hs), p["kernel"]) + p["bias"][:, None, :]
     assert np.all(np.abs(np.asarray(jnp.var(branch, axis=(1, 2))) - 1) < 0.1)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,9 +82,9 @@ def test_scan_over_depth_equals_unrolled_python_loop(kw, x):
         h, _ = block.apply(layer, h)
     expected = _affine(h, p["head"])
     np.testing.assert_allclose(model.apply(v, x), expected, rtol=2e-5, atol=2e-6)
-    # The layer walk runs the same maps.
-    walk = model.walk(v, x)
-    np.testing.assert_allclose(walk.readout(walk.final()), expected, rtol=2e-5, atol=2e-6)
+    # The layer chain runs the same maps.
+    c = model.chain(v, x)
+    np.testing.assert_allclose(c.readout(c.final()), expected, rtol=2e-5, atol=2e-6)
 
 
 def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_averages(x):
@@ -102,16 +104,14 @@ def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_averages(x):
     np.testing.assert_allclose(model.apply(v, x), z / np.sqrt(1 + 1e-5), rtol=1e-5, atol=1e-6)
 
 
-def test_batchnorm_walk_modes(x):
+def test_batchnorm_chain_modes(x):
     model = MLPStack(depth=2, width=W, norm="batch", activation="identity", num_outputs=None)
     v = model.init(jax.random.key(0), x)
-    batch_walk = model.walk(v, x, train=True)
-    h = batch_walk.final()
+    h = model.chain(v, x, train=True).final()
     np.testing.assert_allclose(h.mean(0), 0.0, atol=1e-5)  # the batch map normalises the batch
-    eval_walk = model.walk(v, x[0])
-    np.testing.assert_allclose(eval_walk.final(), model.apply(v, x[0]), rtol=1e-6)
+    np.testing.assert_allclose(model.chain(v, x[0]).final(), model.apply(v, x[0]), rtol=1e-6)
     with pytest.raises(ValueError, match="needs a batch"):
-        model.walk(v, x[0], train=True)
+        model.chain(v, x[0], train=True)
 
 
 @pytest.mark.parametrize(
@@ -120,11 +120,9 @@ def test_batchnorm_walk_modes(x):
 def test_zero_init_residual_stacks_are_exactly_the_identity(kw, x):
     model = MLPStack(depth=5, width=W, activation="relu", kernel_init=initializers.he_normal(), **kw)
     v = model.init(jax.random.key(0), x)
-    walk = model.walk(v, x[0])
-    np.testing.assert_array_equal(walk.final(), walk.h0)
-    jac = jax.jacfwd(lambda h0: jax.lax.scan(lambda h, p: (walk.step(p, h), None), h0, walk.params)[0])(
-        walk.h0
-    )
+    c = model.chain(v, x[0])
+    np.testing.assert_array_equal(c.final(), c.h0)
+    jac = jax.jacfwd(lambda h0: dataclasses.replace(c, h0=h0).final())(c.h0)
     np.testing.assert_array_equal(jac, jnp.eye(W))
 
 
@@ -158,11 +156,12 @@ def test_residual_variance_bookkeeping():
             input_init=initializers.lecun_normal(),
         )
         v = model.init(jax.random.key(1), x)
-        walk = model.walk(v, x, train=norm == "batch")
-        v0 = float(walk.h0.var())
-        ratios = [float(h.var()) / v0 for h in walk.states()]
+        c = model.chain(v, x, train=norm == "batch")
+        v0 = float(c.h0.var())
+        (hs,) = c.states()
+        ratios = [float(h.var()) / v0 for h in hs]
         if norm == "batch":
-            ratios = [float(h.var()) - v0 + 1.0 for h in walk.states()]
+            ratios = [float(h.var()) - v0 + 1.0 for h in hs]
         np.testing.assert_allclose(ratios, expected, rtol=0.08)
 
 
@@ -197,19 +196,19 @@ def test_prelu_rrelu_maxout_modules():
 
 
 @pytest.mark.parametrize("stack", [RNNStack, LSTMStack, GRUStack])
-def test_recurrent_walk_reproduces_the_scanned_stack(stack):
+def test_recurrent_chain_reproduces_the_scanned_stack(stack):
     xs = jax.random.normal(jax.random.key(0), (3, 7, 5))
     model = stack(hidden=6, num_outputs=None, head="all")
     v = model.init(jax.random.key(1), xs)
     ys = model.apply(v, xs)
     assert ys.shape == (3, 7, 6)
-    walk = model.walk(v, xs[1])
-    assert walk.depth == 7 and walk.h0.shape == (model.carry_size(),)
-    states = walk.states()
+    c = model.chain(v, xs[1])
+    assert c.depth == 7 and c.h0.shape == (model.carry_size(),)
+    assert c.layers == tuple(f"t={t}" for t in range(1, 8))
+    (states,) = c.states()
     hidden = states[:, -6:]  # for an LSTM the flat carry is [c; h]
     np.testing.assert_allclose(hidden, ys[1], rtol=1e-5, atol=1e-6)
-    batch_walk = model.walk(v, xs)
-    np.testing.assert_allclose(batch_walk.final()[:, -6:], ys[:, -1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.chain(v, xs).final()[:, -6:], ys[:, -1], rtol=1e-5, atol=1e-6)
     assert stack(hidden=6).apply(v_with_head(stack, xs), xs).shape == (3, 1)
 
 
@@ -225,7 +224,7 @@ def test_vanilla_rnn_step_is_the_textbook_formula():
     h = jnp.zeros(5)
     for t in range(4):
         h = jax.nn.sigmoid(_affine(xs[0, t], p["i"]) + h @ p["h"]["kernel"])
-    np.testing.assert_allclose(model.walk(v, xs[0]).final(), h, rtol=1e-6)
+    np.testing.assert_allclose(model.chain(v, xs[0]).final(), h, rtol=1e-6)
 
 
 def test_bad_configurations_are_named():

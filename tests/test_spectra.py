@@ -31,6 +31,12 @@ def _mp_log_svals(mats, depths, dps=80):
     return out
 
 
+def _walk(c):
+    """A one-segment chain as (step(params_l, h), stacked params, h0)."""
+    (seg,) = c.segments
+    return (lambda p, h: seg.step(seg.shared, p, h)), seg.params, c.h0
+
+
 def _layer_jacobians(step, params, h0):
     """The per-layer Jacobians exactly as the engine sees them: float32, at the float32 walk's states."""
     shape = np.shape(h0)
@@ -244,9 +250,8 @@ def test_every_feed_forward_stack_against_brute_force(name, model, train):
     v = model.init(jax.random.key(12), x)
     xin = x if train else x[0]
     res = spectra.model_spectra(model, v, xin, train=train)
-    walk = model.walk(v, xin, train=train)
-    ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
-    n = walk.h0.size
+    ref = _product_log_svals(_layer_jacobians(*_walk(model.chain(v, xin, train=train))))
+    n = model.chain(v, xin, train=train).h0.size
     # Normalization layers have singular values near eps * ||A_l|| in a single factor (LayerNorm's
     # near-null direction): float32 cannot resolve those; compare above that floor here and the
     # whole spectrum in float64 below.
@@ -265,8 +270,7 @@ def test_recurrent_stacks_through_time_against_brute_force(stack):
     model = stack(hidden=5)
     v = model.init(jax.random.key(14), xs)
     res = spectra.model_spectra(model, v, xs[0], depths=[1, 4, 9])
-    walk = model.walk(v, xs[0])
-    ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
+    ref = _product_log_svals(_layer_jacobians(*_walk(model.chain(v, xs[0]))))
     ref = ref[[0, 3, 8]]
     np.testing.assert_allclose(res.log_singular_values[_reliable(ref)], ref[_reliable(ref)], atol=5e-4)
 
@@ -306,8 +310,10 @@ def test_bad_input_is_named():
         spectra.jacobian_spectra(
             lambda p, h: h, {"a": jnp.zeros((3, 2)), "b": jnp.zeros((2, 2))}, jnp.zeros(4)
         )
-    with pytest.raises(ValueError, match="no layer-walking interface"):
+    with pytest.raises(ValueError, match="cannot cut object into layers"):
         spectra.model_spectra(object(), {}, jnp.zeros(3))
+    with pytest.raises(ValueError, match="integer layer indices"):
+        spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), depths=[2.5])
     with pytest.raises(ValueError, match="oversample must be >= 0"):
         spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), method="topk", k=2, oversample=-1)
 
@@ -320,8 +326,7 @@ def test_float64_engine_resolves_what_float32_cannot():
         v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), v)
         x64_ = jnp.asarray(x, jnp.float64)
         res = spectra.model_spectra(model, v64, x64_)
-        walk = model.walk(v64, x64_)
-        ref = _product_log_svals(_layer_jacobians(walk.step, walk.params, walk.h0))
+        ref = _product_log_svals(_layer_jacobians(*_walk(model.chain(v64, x64_))))
     assert res.log_singular_values.dtype == np.float64
     ok = _reliable(ref) & np.isfinite(ref)
     assert (ref[ok] < ref[:, :1].repeat(ref.shape[1], 1)[ok] - 12).any()  # tiny values really checked
@@ -355,8 +360,7 @@ def test_model_spectra_compiles_once_per_model_and_shape():
     compiled = core._exact_jit._cache_size()
     res = spectra.model_spectra(model, v2, x)
     assert core._exact_jit._cache_size() == compiled  # new variables, same program
-    walk = model.walk(v2, x)  # and the new variables are the ones used
-    ref = spectra.jacobian_spectra(walk.step, walk.params, walk.h0)
+    ref = spectra.jacobian_spectra(*_walk(model.chain(v2, x)))  # and the new variables are the ones used
     np.testing.assert_allclose(res.log_singular_values, ref.log_singular_values, atol=1e-5)
     # topk likewise: one program for every depth and every set of variables of these shapes
     spectra.model_spectra(model, v1, x, method="topk", k=2, depths=[1])
@@ -421,8 +425,9 @@ def test_banded_sweeps_on_a_deep_product_against_float64():
     step = lambda w, h: jnp.tanh(w @ h)
     h0 = jax.random.normal(jax.random.key(31), (n,))
     ref, _ = _float64_products(step, w, h0)
-    points = core._states(step, w, h0)
-    apply = jax.jit(lambda w, h, rows: core._apply_rows(step, w, h, rows, False))
+    step3 = lambda _, w, h: step(w, h)
+    _, points = core._states(step3, None, w, h0, depth)
+    apply = jax.jit(lambda w, h, rows: core._apply_rows(step3, None, w, h, rows, False))
     rows, s = jnp.eye(n), jnp.zeros(n)
     for l in range(depth - 1):  # the engine's walk to the last layer
         rows, s = _jacobi.carry_step(apply(w[l], points[l], rows), s)

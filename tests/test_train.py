@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ from gradflow.train import (
     summarize_epoch,
     train,
 )
+from gradflow.train import layout as train_layout
 
 
 def _classification(seed, n, d=8, c=3):
@@ -71,14 +73,15 @@ def test_loss_decreases_and_second_call_does_not_recompile():
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
 
 
-def _hand_forward(params, x, deltas, phi):
-    """The MLPStack forward written out layer by layer, with offsets added to each pre-activation."""
+def _hand_forward(params, x, deltas, phi, state_deltas=None):
+    """The MLPStack forward written out layer by layer, with offsets added to each pre-activation
+    (and to each block's output)."""
     h = x @ params["embed"]["kernel"] + params["embed"]["bias"][None, :]
     zs = []
     for l, delta in enumerate(deltas):
         z = h @ params["blocks"]["dense"]["kernel"][l] + params["blocks"]["dense"]["bias"][l][None, :] + delta
         zs.append(z)
-        h = phi(z)
+        h = phi(z) + (0.0 if state_deltas is None else state_deltas[l])
     return h @ params["head"]["kernel"] + params["head"]["bias"][None, :], zs
 
 
@@ -93,12 +96,12 @@ def test_diagnostics_equal_a_direct_computation():
 
     params = state.params
 
-    def loss(params, deltas):
-        logits, _ = _hand_forward(params, x, deltas, jnp.tanh)
+    def loss(params, deltas, state_deltas):
+        logits, _ = _hand_forward(params, x, deltas, jnp.tanh, state_deltas)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
     deltas = [jnp.zeros((32, width))] * depth
-    g, g_deltas = jax.grad(loss, argnums=(0, 1))(params, deltas)
+    g, g_deltas, g_states = jax.grad(loss, argnums=(0, 1, 2))(params, deltas, deltas)
     _, zs = _hand_forward(params, x, deltas, jnp.tanh)
     blocks = lambda t, l: [a[l] for a in jax.tree_util.tree_leaves(t["blocks"])]  # noqa: E731
     norm = lambda leaves: float(np.sqrt(sum(float(stable_norm(a)) ** 2 for a in leaves)))  # noqa: E731
@@ -109,6 +112,7 @@ def test_diagnostics_equal_a_direct_computation():
     np.testing.assert_allclose(m["weight_norm"], weights, rtol=1e-5)
     np.testing.assert_allclose(m["update_ratio"], lr * direct / weights, rtol=1e-5)  # SGD: u = -lr g
     np.testing.assert_allclose(m["preact_grad_norm"], [float(stable_norm(d)) for d in g_deltas], rtol=1e-5)
+    np.testing.assert_allclose(m["state_grad_norm"], [float(stable_norm(d)) for d in g_states], rtol=1e-5)
     np.testing.assert_allclose(m["preact_mean"], [float(jnp.mean(z)) for z in zs], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m["preact_var"], [float(jnp.var(z)) for z in zs], rtol=1e-4)
     sat = [jnp.abs(1 - jnp.tanh(z) ** 2) < 0.01 for z in zs]
@@ -279,3 +283,56 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
     with pytest.raises(ValueError, match="another config"):
         train(model, TrainConfig(epochs=5), data, run_dir=run_dir)
+
+
+class _UserCNN(nn.Module):
+    """A researcher's own model, written with no gradflow in it: conv, strided conv, dense head."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3,), name="conv1")(x))
+        x = nn.relu(nn.Conv(6, (3,), strides=2, name="conv2")(x))
+        return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
+    x = jax.random.normal(jax.random.key(9), (16, 8, 2))
+    y = jax.random.randint(jax.random.key(10), (16,), 0, 3)
+    model, lr = _UserCNN(), 0.1
+    cfg = TrainConfig(diagnostics_every=1, optim=OptimConfig("sgd", lr))
+    tx = make_optimizer(cfg.optim)
+    state = init_state(model, tx, run_keys(0)[0], x)
+    _, m = jax.jit(make_train_step(model, tx, cfg))(state, (x, y))
+    lay = train_layout(model, {"params": state.params}, x)
+    assert lay.names == lay.layer_names == ["conv1", "conv2", "head"]
+    # no known activation: its statistics are omitted with a reason, not NaN
+    assert "preact_var" not in m and "saturated" in dict(lay.omitted)
+    p = state.params
+    conv1 = lambda h: nn.Conv(4, (3,)).apply({"params": p["conv1"]}, h)  # noqa: E731
+    conv2 = lambda h: nn.Conv(6, (3,), strides=2).apply({"params": p["conv2"]}, jax.nn.relu(h))  # noqa: E731
+    head = lambda h: nn.Dense(3).apply({"params": p["head"]}, jax.nn.relu(h).reshape(16, -1))  # noqa: E731
+
+    def loss(params, e):
+        h1 = nn.Conv(4, (3,)).apply({"params": params["conv1"]}, x) + e[0]
+        h2 = nn.Conv(6, (3,), strides=2).apply({"params": params["conv2"]}, jax.nn.relu(h1)) + e[1]
+        logits = nn.Dense(3).apply({"params": params["head"]}, jax.nn.relu(h2).reshape(16, -1)) + e[2]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    h1 = conv1(x)
+    h2 = conv2(h1)
+    zeros = [jnp.zeros_like(h1), jnp.zeros_like(h2), jnp.zeros_like(head(h2))]
+    g, g_states = jax.grad(loss, argnums=(0, 1))(p, zeros)
+    norm = lambda t: float(np.sqrt(sum(float(stable_norm(a)) ** 2 for a in jax.tree_util.tree_leaves(t))))  # noqa: E731
+    direct = np.array([norm(g[k]) for k in ("conv1", "conv2", "head")])
+    np.testing.assert_allclose(m["grad_norm"], direct, rtol=1e-5)
+    np.testing.assert_allclose(
+        m["update_ratio"], lr * direct / [norm(p[k]) for k in ("conv1", "conv2", "head")], rtol=1e-5
+    )
+    np.testing.assert_allclose(m["state_grad_norm"], [float(stable_norm(e)) for e in g_states], rtol=1e-5)
+    # a NaN planted in conv2 is located there, by name
+    bad = {**p, "conv2": {**p["conv2"], "kernel": p["conv2"]["kernel"].at[0, 0, 0].set(jnp.nan)}}
+    _, mb = jax.jit(make_train_step(model, tx, cfg))(state._replace(params=bad), (x, y))
+    assert (
+        lay.names[int(mb["nonfinite_layer"])] == "conv2"
+        and NONFINITE_KINDS[int(mb["nonfinite_kind"])] == "param"
+    )

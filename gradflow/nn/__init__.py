@@ -1,5 +1,9 @@
-"""Flax (linen) stacks and layers; every stack exposes the layer-walking interface (`walk`)."""
+"""Flax (linen) stacks and layers, and the layer-chain interface that cuts any model into layers."""
 
+from gradflow.nn.chains import Chain as Chain
+from gradflow.nn.chains import Segment as Segment
+from gradflow.nn.chains import chain as chain
+from gradflow.nn.chains import cut as cut
 from gradflow.nn.config import KINDS as KINDS
 from gradflow.nn.config import StackConfig as StackConfig
 from gradflow.nn.layers import Maxout as Maxout
@@ -12,5 +16,3 @@ from gradflow.nn.mlp import MLPStack as MLPStack
 from gradflow.nn.recurrent import GRUStack as GRUStack
 from gradflow.nn.recurrent import LSTMStack as LSTMStack
 from gradflow.nn.recurrent import RNNStack as RNNStack
-from gradflow.nn.walk import LayerWalk as LayerWalk
-from gradflow.nn.walk import Walkable as Walkable

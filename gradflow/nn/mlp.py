@@ -22,6 +22,7 @@ exactly the identity map at initialization.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
+from gradflow.nn.chains import Chain, Segment
 from gradflow.nn.layers import PReLU, RReLU
-from gradflow.nn.walk import LayerWalk
 
 NORMS = (None, "batch", "layer")
 RESIDUALS = (None, "plain", "rezero", "skipinit", "fixup")
@@ -83,6 +84,10 @@ class Block(nn.Module):
         fn = activations.get(self.activation) if isinstance(self.activation, str) else self.activation
         return fn(z)
 
+    def _out(self, h: jax.Array) -> jax.Array:
+        # The block's output h_l, perturbed like the pre-activation: dL/dh_l for the trainer.
+        return h if self.is_initializing() else self.perturb("state", h)
+
     def _norm(self, z: jax.Array) -> jax.Array:
         if self.norm == "batch":
             return nn.BatchNorm(
@@ -105,7 +110,7 @@ class Block(nn.Module):
         pieces = self.maxout_pieces if self.activation == "maxout" else 1
         if self.residual is None:
             z = self._drop(self._phi(self._norm(dense(self.width * pieces)(h))))
-            return z, None
+            return self._out(z), None
         if self.residual == "fixup":
             zero = nn.initializers.zeros
             a = [self.param(f"bias{i}", zero, ()) for i in range(4)]
@@ -118,11 +123,11 @@ class Block(nn.Module):
             z = dense(self.width * pieces, w1_init, "dense1", use_bias=False)(h + a[0])
             z = self._phi(z + a[1])
             z = dense(self.width, zero, "dense2", use_bias=False)(self._drop(z) + a[2])
-            return h + scale * z + a[3], None
+            return self._out(h + scale * z + a[3]), None
         z = self._drop(dense(self.width)(self._phi(self._norm(h))))
         if self.residual in ("rezero", "skipinit"):
             z = self.param("alpha", nn.initializers.zeros, ()) * z
-        return h + z, None
+        return self._out(h + z), None
 
 
 class MLPStack(nn.Module):
@@ -209,29 +214,41 @@ class MLPStack(nn.Module):
         return nn.Dense(self.num_outputs, kernel_init=self.head_init, name="head")(h)
 
     @nn.nowrap
-    def walk(self, variables: Any, x: jax.Array, *, train: bool = False) -> LayerWalk:
-        """The blocks as maps h_l = f_l(h_{l-1}) (see `gradflow.nn.walk`).
+    def chain(self, variables: Any, x: jax.Array, *, train: bool = False) -> Chain:
+        """The blocks as one scanned segment of a layer chain (see `gradflow.nn.chain`).
 
-        h0 = embed(x). `train=True` is the BatchNorm batch map (x must be a batch).
+        h0 = embed(x); the layers are "blocks[1]" .. "blocks[L]"; `readout` is the head.
+        `train=True` is the BatchNorm batch map (x must be a batch).
         """
         if train and self.norm == "batch" and x.ndim < 2:
             raise ValueError(
-                f"walk(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
+                f"chain(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
             )
         params = variables["params"]
         h0 = nn.Dense(self.width, parent=None).apply({"params": params["embed"]}, x)
         layer_vars = {"params": params["blocks"]}
-        if "batch_stats" in variables:
+        if variables.get("batch_stats"):
             layer_vars["batch_stats"] = variables["batch_stats"]["blocks"]
         block = Block(**self.block_fields(train=train, noise=False, dropout_rate=0.0), parent=None)
-
-        def step(v, h):
-            if train and self.norm == "batch":
-                return block.apply(v, h, mutable=["batch_stats"])[0][0]
-            return block.apply(v, h)[0]
-
+        step = _BlockStep(block, batch=train and self.norm == "batch")
+        names = tuple(f"blocks[{l}]" for l in range(1, self.depth + 1))
+        segment = Segment(step=step, shared=None, params=layer_vars, names=names, param_path=("blocks",))
         readout = None
         if self.num_outputs is not None:
             head = nn.Dense(self.num_outputs, parent=None)
             readout = lambda h: head.apply({"params": params["head"]}, h)  # noqa: E731
-        return LayerWalk(step=step, params=layer_vars, h0=h0, readout=readout)
+        return Chain(segments=(segment,), h0=h0, readout=readout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockStep:
+    """One block as a chain step (shared, block variables, h) -> h; frozen, so equal stacks
+    give equal steps and jitted consumers compile once."""
+
+    block: Block
+    batch: bool
+
+    def __call__(self, _: Any, v: Any, h: jax.Array) -> jax.Array:
+        if self.batch:
+            return self.block.apply(v, h, mutable=["batch_stats"])[0][0]
+        return self.block.apply(v, h)[0]

@@ -4,14 +4,15 @@ Each stack maps x of shape (B, T, D) to outputs through one recurrent layer of `
 (`nn.RNN` over the cell, i.e. a `lax.scan` over time) and a Dense head, applied to the last
 step (`head="last"`, e.g. the adding problem) or to every step (`head="all"`, e.g. the copy task).
 
-`walk(variables, x)` exposes the transition through time, s_t = step(x_t, s_{t-1}), on the flat
+`chain(variables, x)` exposes the transition through time, s_t = step(x_t, s_{t-1}), on the flat
 carry s ([c; h] for an LSTM), so that d s_T / d s_0 (gradients through time) is computed by the
-same spectra engine as depth products. The cell's weights are shared across time and closed over
-by `step`; the walk's per-layer "parameters" are the inputs x_t fed in at each step.
+same spectra engine as depth products. The cell's weights are shared across time (the segment's
+`shared` part); its per-layer "parameters" are the inputs x_t fed in at each step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow.nn.walk import LayerWalk
+from gradflow.nn.chains import Chain, Segment
 
 _HEADS = ("last", "all")
 
@@ -70,29 +71,40 @@ class _RecurrentStack(nn.Module):
         return nn.Dense(self.num_outputs, name="head")(ys)
 
     @nn.nowrap
-    def walk(
+    def chain(
         self, variables: Any, x: jax.Array, *, train: bool = False, s0: jax.Array | None = None
-    ) -> LayerWalk:
-        """The transition through time for one sequence x (T, D) (or a batch (B, T, D)).
+    ) -> Chain:
+        """The transition through time for one sequence x (T, D) (or a batch (B, T, D)), as one
+        scanned segment of a layer chain: layers "t=1" .. "t=T", fed x_t.
 
-        s0 (default zeros) is the flat initial carry; the walk's depth is T.
+        s0 (default zeros) is the flat initial carry.
         """
         del train  # recurrent cells have no train/eval difference here
         if x.ndim not in (2, 3):
             raise ValueError(
-                f"walk expects x of shape (time, features) or (batch, time, features), got {x.shape}"
+                f"chain expects x of shape (time, features) or (batch, time, features), got {x.shape}"
             )
-        cell = self.make_cell().clone(parent=None)
-        cell_params = {"params": variables["params"]["cell"]}
         xs = jnp.moveaxis(x, -2, 0)  # time first: (T, [B,] D)
         if s0 is None:
             s0 = jnp.zeros((*x.shape[:-2], self.carry_size()), x.dtype)
+        names = tuple(f"t={t}" for t in range(1, xs.shape[0] + 1))
+        segment = Segment(
+            step=_CellStep(self), shared={"params": variables["params"]["cell"]}, params=xs, names=names
+        )
+        return Chain(segments=(segment,), h0=s0)
 
-        def step(x_t, s):
-            carry, _ = cell.apply(cell_params, self._unflatten(s), x_t)
-            return self._flatten(carry)
 
-        return LayerWalk(step=step, params=xs, h0=s0)
+@dataclasses.dataclass(frozen=True)
+class _CellStep:
+    """The cell as a chain step (cell variables, x_t, s) -> s on the flat carry; frozen, so equal
+    stacks give equal steps and jitted consumers compile once."""
+
+    stack: _RecurrentStack
+
+    def __call__(self, cell_vars: Any, x_t: jax.Array, s: jax.Array) -> jax.Array:
+        cell = self.stack.make_cell().clone(parent=None)
+        carry, _ = cell.apply(cell_vars, self.stack._unflatten(s), x_t)
+        return self.stack._flatten(carry)
 
 
 class RNNStack(_RecurrentStack):

@@ -1,5 +1,6 @@
 """Jacobian-product spectra across depth and through time: exact (log-scaled Jacobi), top-k, Lyapunov."""
 
+from gradflow.spectra.core import chain_spectra as chain_spectra
 from gradflow.spectra.core import jacobian_spectra as jacobian_spectra
 from gradflow.spectra.core import log_singular_values as log_singular_values
 from gradflow.spectra.core import lyapunov_exponents as lyapunov_exponents

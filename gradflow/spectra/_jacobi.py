@@ -86,8 +86,10 @@ def _next_arrangement(top: jax.Array, bottom: jax.Array) -> tuple[jax.Array, jax
     """Circle-method step: top = [x0, y0, x1 .. x_{h-2}], bottom = [y1 .. y_{h-1}, x_{h-1}].
 
     Pairs (top[k], bottom[k]) over m - 1 steps meet every pair once, and the arrangement
-    returns to where it started.
+    returns to where it started. With one pair (h = 1) there is nothing to re-arrange.
     """
+    if top.shape[0] == 1:
+        return top, bottom
     return (
         jnp.concatenate([top[:1], bottom[:1], top[1:-1]]),
         jnp.concatenate([bottom[1:], top[-1:]]),
@@ -230,8 +232,9 @@ def _grade(s: jax.Array) -> jax.Array:
 def precondition(y: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """X = y^T diag(exp(s)) as X W = q c^T diag(exp(s')), W orthogonal, by QR then LQ.
 
-    y: (m, n) rows (any norms), s: (m,) log-scales. Returns q (n, m) with orthonormal columns,
-    c (m, m) with unit (or zero) rows, and s'. The rows of c are nearly orthogonal where the
+    y: (m, n) rows (any norms), s: (m,) log-scales. Returns q (n, p) with orthonormal columns,
+    c (p, p) with unit (or zero) rows, and s' (p,), p = min(m, n): where n < m (a layer into a
+    smaller state) the representation shrinks to the rank bound n. The rows of c are nearly orthogonal where the
     scales are well separated (their cosines decay like exp(-|s'_i - s'_j|)).
 
     Rows sorted by scale, y^T = Q R, so X = Q R diag(exp(s)) = Q diag(exp(s1)) K, K_ij =
@@ -241,8 +244,10 @@ def precondition(y: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.
     """
     order = jnp.argsort(-s)
     y, s = y[order], s[order]
-    q, r = jnp.linalg.qr(y.T)  # q (n, m), r (m, m)
-    k, s1 = renormalize(jnp.triu(r * _grade(s)), s)
+    q, r = jnp.linalg.qr(y.T)  # q (n, p), r (p, m), p = min(n, m)
+    p = r.shape[0]  # p < m where the state is smaller than the rows: X has rank <= p, and the
+    # rows past p are dropped (X W keeps its singular values; the others are exactly zero)
+    k, s1 = renormalize(jnp.triu(r * _grade(s)[:p]), s[:p])
     order = jnp.argsort(-s1)
     k, s1, q = k[order], s1[order], q[:, order]
     _, r2 = jnp.linalg.qr(k.T)

@@ -1,7 +1,8 @@
-"""Per-layer singular-value spectra of Jacobian products, in log space, for any layer walk.
+"""Per-layer singular-value spectra of Jacobian products, in log space, for any layer chain.
 
-For maps h_l = step(params[l], h_{l-1}), l = 1..L, with A_l = d h_l / d h_{l-1} at the walked
-states:
+For a chain of layer maps h_l = f_l(h_{l-1}), l = 1..L (`gradflow.nn.chain`: any model; or
+`jacobian_spectra`'s step(params[l], h) with stacked params), with A_l = d h_l / d h_{l-1}
+(N_l x N_{l-1}; state sizes may change from layer to layer) at the chain's own states:
 - forward products  J_l = A_l ... A_1 = d h_l / d h_0,
 - backward products G_l = A_L ... A_{l+1} = d h_L / d h_l (what a gradient reaching layer l went
   through; G_L = I). Its singular values are those of G_l^T = A_{l+1}^T ... A_L^T, walked from the top.
@@ -11,7 +12,10 @@ never needed): C has near-unit rows, s natural-log scales. Each layer applies A_
 with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-factors the result in
 log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then LQ of the
 graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix with
-nearly orthogonal rows, which is all the next layer needs. At a requested depth one-sided Jacobi
+nearly orthogonal rows, which is all the next layer needs. A layer into a smaller state drops the rows past its size
+(the product's rank bound; QR of an N_l x m block with N_l < m), so the rows carried are
+min(N_0 .. N_l) forward and min(N_l .. N_L) backward: a backward product through a 10-way
+classifier is 10 rows at any width. At a requested depth one-sided Jacobi
 sweeps then orthogonalize those rows until a Gram product shows every cosine below `tol`
 (banded sweeps where that product puts the pairs above `tol` near the diagonal, as it does deep in
 a product); log sigma = sorted s. Layers that are not requested cost the two QRs only, and layers
@@ -34,16 +38,19 @@ matrix-free: memory O((k + oversample) N + L N), never N x N.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gradflow.nn.chains import Chain, Segment
+from gradflow.nn.chains import chain as make_chain
 from gradflow.spectra import _jacobi
 from gradflow.spectra.result import SpectraResult
 
@@ -52,30 +59,14 @@ METHODS = ("exact", "topk")
 DIRECTIONS = ("forward", "backward")
 
 
-@functools.lru_cache(maxsize=256)
-def _lift(step: Step) -> Callable[[Any, Any, jax.Array], jax.Array]:
-    """step as (shared, params_l, h) -> h with nothing shared; cached, so jit sees one function."""
-    return lambda shared, p, h: step(p, h)
+@dataclasses.dataclass(frozen=True)
+class _Unshared:
+    """A user's step(params_l, h) as a chain step (shared, params_l, h): equal steps hash equal."""
 
+    step: Step
 
-@functools.lru_cache(maxsize=256)
-def _walk_step(model: Any, train: bool) -> Callable[[Any, Any, jax.Array], jax.Array]:
-    """A model's walk step with its variables and input as traced arguments, not closed over.
-
-    `model.walk(...)` returns a fresh closure on every call, so passing `walk.step` to a jitted
-    function recompiles each time; this function is the same for equal (hashable) models, so the
-    compiled program is reused across calls with new variables or inputs of the same shapes.
-    """
-    return lambda shared, p, h: model.walk(shared[0], shared[1], train=train).step(p, h)
-
-
-@functools.lru_cache(maxsize=256)
-def _flat_step(step: Step, shape: tuple[int, ...]) -> Step:
-    """step on flat vectors, for states of any shape (e.g. (B, W) in BatchNorm batch mode).
-
-    Cached, so the same `step` gives the same function and jit reuses its compiled program.
-    """
-    return lambda p, v: step(p, v.reshape(shape)).reshape(-1)
+    def __call__(self, shared: Any, p: Any, h: jax.Array) -> jax.Array:
+        return self.step(p, h)
 
 
 def _depth_of(params: Any) -> int:
@@ -97,71 +88,150 @@ def _depth_of(params: Any) -> int:
 def _check_depths(depths: Sequence[int] | None, depth: int) -> np.ndarray:
     if depths is None:
         return np.arange(1, depth + 1)
-    d = np.asarray(depths, dtype=np.int64).reshape(-1)
+    raw = np.asarray(depths).reshape(-1)
+    if raw.size and not np.all(np.equal(np.mod(raw, 1), 0)):
+        raise ValueError(f"depths must be integer layer indices in 1..{depth}, got {list(raw)}")
+    d = raw.astype(np.int64)
     if d.size == 0 or d.min() < 1 or d.max() > depth:
         raise ValueError(f"depths must be layer indices in 1..{depth}, got {list(depths)}")
     return np.unique(d)
 
 
-def _states(step: Step, params: Any, h0: jax.Array) -> jax.Array:
-    """h_0 .. h_{L-1}: the points at which A_1 .. A_L are taken, shape (L, N)."""
-    _, hs = lax.scan(lambda h, p: (step(p, h), h), h0, params)
-    return hs
+def _user_chain(step: Step, params: Any, h0: jax.Array) -> Chain:
+    depth = _depth_of(params)
+    seg = Segment(
+        step=_Unshared(step), shared=None, params=params, names=tuple(map(str, range(1, depth + 1)))
+    )
+    return Chain(segments=(seg,), h0=jnp.asarray(h0))
 
 
-def _apply_rows(step: Step, p: Any, h: jax.Array, c: jax.Array, transpose: bool) -> jax.Array:
-    """Rows of c mapped by A = d step(p, .)/dh at h (or by A^T), shape (m, N) -> (m, N)."""
+def _states(step: Step, shared: Any, params: Any, h0: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
+    """(h_out, inputs): the inputs of a segment's layers, (depth, *h0.shape), and its output."""
+    if depth == 1:
+        p = None if params is None else jax.tree.map(lambda a: a[0], params)
+        return step(shared, p, h0), h0[None]
+    return lax.scan(lambda h, p: (step(shared, p, h), h), h0, params, length=depth)
+
+
+def _apply_rows(step: Step, shared: Any, p: Any, h: jax.Array, c: jax.Array, transpose: bool) -> jax.Array:
+    """Rows of c mapped by A = d step(shared, p, .)/dh at h (or by A^T); states flattened."""
+    f = lambda v: step(shared, p, v.reshape(h.shape)).reshape(-1)  # noqa: E731
     if transpose:
-        _, vjp = jax.vjp(lambda x: step(p, x), h)
+        _, vjp = jax.vjp(f, h.reshape(-1))
         return jax.vmap(lambda v: vjp(v)[0])(c)
-    _, jvp = jax.linearize(lambda x: step(p, x), h)
+    _, jvp = jax.linearize(f, h.reshape(-1))
     return jax.vmap(jvp)(c)
 
 
-def _walk_products(
-    step: Step,
-    params: Any,
-    points: jax.Array,
-    transpose: bool,
-    tol: float | None,
-    record: jax.Array | None = None,
-) -> jax.Array:
-    """Sorted log singular values of the running product at each layer, shape (L, N).
+def _walk_piece(step, shared, params, points, c, s, record, *, transpose, tol, width):
+    """Carry the log-scaled product (rows c, scales s) through one segment's layers, in walk order.
 
-    record: (L,) bool, the layers whose spectrum is wanted (default: all); the other rows are
-    NaN and those layers only re-factor the product (`_jacobi.carry_step`: two QRs, no Jacobi).
+    Each layer maps the rows (by A or A^T), then re-factors: QR + LQ (`_jacobi.precondition`),
+    which also drops the rows past the new state size where that is smaller (the rank bound);
+    recorded layers add Jacobi sweeps and read out sorted log sigma, padded with -inf to `width`.
+    Unrecorded rows are NaN. Returns (c, s) and the (depth, width) rows.
     """
-    n = points.shape[1]
 
     def readout(c, s):
         c, s, _ = _jacobi.orthogonalize(c, s, tol=tol)
-        return c, s, jnp.sort(s)[::-1]
+        pad = jnp.full((width - s.shape[0],), -jnp.inf, s.dtype)
+        return c, s, jnp.concatenate([jnp.sort(s)[::-1], pad])
 
     def skip(c, s):
-        return c, s, jnp.full_like(s, jnp.nan)
+        return c, s, jnp.full((width,), jnp.nan, s.dtype)
 
     def body(carry, xs):
         c, s = carry
-        p, h = xs[0], xs[1]
-        q, c, s = _jacobi.precondition(_apply_rows(step, p, h, c, transpose), s)
-        if record is None:
-            c, s, logs = readout(c, s)
-        else:  # a real branch even under vmap: the mask is never batched
-            c, s, logs = lax.cond(xs[2], readout, skip, c, s)
+        p, h, rec = xs
+        q, c, s = _jacobi.precondition(_apply_rows(step, shared, p, h, c, transpose), s)
+        c, s, logs = lax.cond(rec, readout, skip, c, s)  # a real branch: the mask is never batched
         return (c @ q.T, s), logs
 
-    start = (jnp.eye(n, dtype=points.dtype), jnp.zeros(n, points.dtype))
-    xs = (params, points) if record is None else (params, points, record)
-    _, logs = lax.scan(body, start, xs)
-    return logs
+    depth = points.shape[0]
+    if depth == 1:
+        p = None if params is None else jax.tree.map(lambda a: a[0], params)
+        carry, logs = body((c, s), (p, points[0], record[0]))
+        return carry, logs[None]
+    return lax.scan(body, (c, s), (params, points, record))
 
 
-def _reverse(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: a[::-1], tree)
+def _slice(tree: Any, lo: int, hi: int, reverse: bool = False) -> Any:
+    return jax.tree.map(lambda a: a[lo:hi][::-1] if reverse else a[lo:hi], tree)
 
 
-def _truncate(tree: Any, length: int) -> Any:
-    return jax.tree_util.tree_map(lambda a: a[:length], tree)
+def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
+    """Log singular values of the chain's products, (L, W): row l - 1 is J_l or G_l, -inf padded.
+
+    steps: static ((step, depth), ...) per segment; shared, params: their traced parts.
+    record: (L,) bool, the layers whose spectrum is wanted (other rows NaN). Only the layers the
+    wanted products contain are walked: forward layers 1 .. hi (J_hi the deepest wanted),
+    backward layers L .. lo + 1 (G_lo the shallowest wanted; A_1 only ever feeds G_0).
+    """
+    L = sum(d for _, d in steps)
+    hi = L if hi is None else hi
+    # The forward pass: the input of every layer (up to layer hi going forward), per segment.
+    points, sizes, h, at = [], [], h0, 0
+    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
+        if direction == "forward" and at >= hi:
+            break
+        h, pts = _states(step, sh, p, h, depth)
+        points.append(pts)
+        sizes += [int(np.prod(pts.shape[1:]))] * depth
+        at += depth
+    sizes.append(int(np.prod(h.shape)))  # sizes[j] = N_j, the size of h_j
+    # The walked layers, as pieces of segments: (step, shared, params, inputs, a, b, first), the
+    # segment's layers a .. b - 1 (0-based within it), `first` the global 0-based index of a.
+    first_walked = 0 if direction == "forward" else lo
+    last_walked = hi if direction == "forward" else L
+    pieces, at = [], 0
+    for (step, depth), sh, p, pts in zip(steps, shared, params, points, strict=False):
+        a, b = max(first_walked, at), min(last_walked, at + depth)
+        if a < b:
+            pieces.append((step, sh, p, pts, a - at, b - at, a))
+        at += depth
+    dtype = h0.dtype
+    if direction == "forward":
+        bounds = np.minimum.accumulate(sizes[: hi + 1])  # rank bound of J_l: min(N_0 .. N_l)
+        width = int(bounds[1:].max())
+        c, s, rows = jnp.eye(sizes[0], dtype=dtype), jnp.zeros(sizes[0], dtype), []
+        for step, sh, p, pts, a, b, g in pieces:
+            rec = record[g : g + b - a]  # walking A_{j+1} (0-based j) gives row j: J_{j+1}
+            (c, s), logs = _walk_piece(
+                step, sh, _slice(p, a, b), pts[a:b], c, s, rec, transpose=False, tol=tol, width=width
+            )
+            rows.append(logs)
+        return jnp.concatenate([*rows, jnp.full((L - hi, width), jnp.nan, dtype)])
+    # Backward: G_l^T = A_{l+1}^T ... A_L^T from the top; walking A_{j+1}^T (0-based j) turns the
+    # product into G_j^T, row j - 1, with min(N_j .. N_L) rows.
+    width = sizes[L]
+    c, s, rows = jnp.eye(sizes[L], dtype=dtype), jnp.zeros(sizes[L], dtype), []
+    for step, sh, p, pts, a, b, g in reversed(pieces):
+        rec = record[g - 1 : g - 1 + b - a][::-1]
+        (c, s), logs = _walk_piece(
+            step,
+            sh,
+            _slice(p, a, b, reverse=True),
+            pts[a:b][::-1],
+            c,
+            s,
+            rec,
+            transpose=True,
+            tol=tol,
+            width=width,
+        )
+        rows.append(logs[::-1])
+    top = jnp.where(record[L - 1], jnp.zeros(width, dtype), jnp.nan)  # G_L = I
+    unwanted = jnp.full((lo - 1, width), jnp.nan, dtype)
+    return jnp.concatenate([unwanted, *reversed(rows), top[None]])
+
+
+_exact_jit = jax.jit(_exact, static_argnames=("steps", "direction", "tol", "lo", "hi"))
+
+
+def _chain_parts(c: Chain) -> tuple[tuple, tuple, tuple]:
+    """(static steps, traced shared, traced params) of a chain, as `_exact` takes them."""
+    steps = tuple((seg.step, seg.depth) for seg in c.segments)
+    return steps, tuple(seg.shared for seg in c.segments), tuple(seg.params for seg in c.segments)
 
 
 def log_singular_values(
@@ -173,34 +243,10 @@ def log_singular_values(
     (backward; the last row is G_L = I). No argument checks: use `jacobian_spectra` at API
     boundaries and this under `jax.vmap` over inputs, seeds or configurations.
     """
-    return _exact(_lift(step), None, params, h0, direction=direction, tol=tol)
-
-
-def _exact(step3, shared, params, h0, record=None, *, direction, tol, skip=0):
-    """log_singular_values for step3(shared, params_l, h), shared traced (see `_walk_step`).
-
-    record: optional (L,) bool mask of the depths l = 1..L wanted (other rows NaN).
-    skip (backward only): G_1 .. G_skip are not wanted, so the walk stops above layer skip + 1
-    (their rows are NaN; the forward pass still goes through every layer).
-    """
-    shape = tuple(h0.shape)
-    flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
-    points = _states(flat, params, h0.reshape(-1))
-    if direction == "forward":
-        return _walk_products(flat, params, points, False, tol, record)
-    # G_l^T = A_{l+1}^T ... A_L^T: walk A_L^T, A_{L-1}^T, ..., A_{skip+2}^T (A_1 only ever feeds
-    # G_0, which is not a layer's product); after the step through A_m^T the product is
-    # G_{m-1}^T, so the walk's step t gives G_{L-1-t} and the reversed rows are G_{skip+1} ..
-    # G_{L-1}; G_L = I closes them.
-    rec = None if record is None else record[skip:-1][::-1]
-    above = lambda a: a[:skip:-1]  # noqa: E731  (layers L .. skip + 2, walk order)
-    logs_rev = _walk_products(flat, jax.tree_util.tree_map(above, params), above(points), True, tol, rec)
-    n = points.shape[1]
-    unwanted = jnp.full((skip, n), jnp.nan, points.dtype)
-    return jnp.concatenate([unwanted, logs_rev[::-1], jnp.zeros((1, n), points.dtype)])
-
-
-_exact_jit = jax.jit(_exact, static_argnames=("step3", "direction", "tol", "skip"))
+    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
+    steps, shared, ps = ((_Unshared(step), depth),), (None,), (params,)
+    record = jnp.ones(depth, bool)
+    return _exact(steps, shared, ps, jnp.asarray(h0), record, direction=direction, tol=tol)
 
 
 def jacobian_spectra(
@@ -227,22 +273,17 @@ def jacobian_spectra(
       method: "exact" (all N singular values) or "topk" (matrix-free, the k largest).
       k: number of singular values kept (default: all for exact; required for topk).
       direction: "forward" (J_l) or "backward" (G_l).
-      oversample, refine, key: topk only: extra block columns (default k: the block is 2k wide;
-        tanh, N = 1024, depth 32, k = 4/16/32: 2.7x/1.5x/1.4x faster than 8 extra columns, since
-        the rounds fall faster than their cost grows), the most subspace-iteration rounds
-        at each requested depth (it stops once the top k log sigma move by < 1e-5), and the PRNG
-        key of the random start block.
+      oversample, refine, key: topk only: extra block columns (default k: the block is 2k
+        wide), the most subspace-iteration rounds at each requested depth (it stops once the
+        top k log sigma move by < 1e-5), and the PRNG key of the random start block.
       tol: Jacobi convergence tolerance on pair cosines (default 8 N eps).
 
     Returns:
       SpectraResult with `.depths` (len D) and `.log_singular_values` (D, k), natural log, sorted
       descending; -inf marks an exactly zero singular value (e.g. dead ReLU units).
     """
-    return _spectra(
-        _lift(step),
-        None,
-        params,
-        h0,
+    return chain_spectra(
+        _user_chain(step, params, h0),
         depths=depths,
         method=method,
         k=k,
@@ -254,48 +295,90 @@ def jacobian_spectra(
     )
 
 
-def _spectra(step3, shared, params, h0, *, depths, method, k, direction, oversample, refine, key, tol):
-    """`jacobian_spectra` for step3(shared, params_l, h) (see `_lift`, `_walk_step`)."""
+def _state_sizes(c: Chain) -> np.ndarray:
+    """N_0 .. N_L: the sizes of the chain's states (by shape only)."""
+    shapes = jax.eval_shape(c.states)
+    sizes = [int(np.prod(c.h0.shape))]
+    for hs in shapes:
+        sizes += [int(np.prod(hs.shape[1:]))] * int(hs.shape[0])
+    return np.asarray(sizes)
+
+
+def chain_spectra(
+    c: Chain,
+    *,
+    depths: Sequence[int] | None = None,
+    method: str = "exact",
+    k: int | None = None,
+    direction: str = "forward",
+    oversample: int | None = None,
+    refine: int = 50,
+    key: jax.Array | None = None,
+    tol: float | None = None,
+) -> SpectraResult:
+    """`jacobian_spectra` of any layer chain (`gradflow.nn.chain`): states may change size.
+
+    Row l of the result is J_l = d h_l / d h_0 (forward) or G_l = d h_L / d h_l (backward), its
+    log singular values sorted descending and padded with -inf past the rank bound: the
+    smallest state size the product passes through (min N_0 .. N_l forward, min N_l .. N_L
+    backward). The exact engine carries that many rows, so a backward product through a
+    10-way classifier costs 10 vjps per layer at any width. Options as in `jacobian_spectra`;
+    `depths` index the chain's layers (1-based).
+    """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}")
-    h0 = jnp.asarray(h0)
+    h0 = c.h0
     if not jnp.issubdtype(h0.dtype, jnp.floating):
         raise ValueError(f"h0 must be floating point, got dtype {h0.dtype}")
     if not bool(jnp.all(jnp.isfinite(h0))):
         raise ValueError("h0 contains non-finite values")
-    depth = _depth_of(params)
+    for seg in c.segments:
+        if seg.params is not None and seg.depth > 1:
+            _depth_of(seg.params)
+    depth = c.depth
     wanted = _check_depths(depths, depth)
-    n = int(h0.size)
+    sizes = _state_sizes(c)
+    if direction == "forward":
+        bound = int(np.minimum.accumulate(sizes)[1 : int(wanted.max()) + 1].max())
+    else:
+        bound = int(sizes[-1])
     if k is None:
         if method == "topk":
             raise ValueError("method='topk' needs k (the number of leading singular values)")
-        k = n
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
+        k = bound
+    if not (isinstance(k, int | np.integer) and 1 <= k <= bound):
+        raise ValueError(f"k must be an integer in 1..{bound} (the rank bound of the products), got {k!r}")
     if oversample is not None and oversample < 0:
         raise ValueError(f"oversample must be >= 0 (extra block columns for topk), got {oversample}")
 
+    steps, shared, params = _chain_parts(c)
     if method == "exact":
-        # Walk only the layers the requested products contain: J_l needs layers 1..l, G_l layers
-        # l+1..L (below the shallowest G_l the forward pass alone goes).
-        skip = 0
-        if direction == "forward":
-            params = _truncate(params, int(wanted.max()))
-        else:
-            skip = int(wanted.min()) - 1
-        record = np.zeros(_depth_of(params), bool)
+        record = np.zeros(depth, bool)
         record[wanted - 1] = True
-        logs = _exact_jit(step3, shared, params, h0, record, direction=direction, tol=tol, skip=skip)
+        bounds = dict(hi=int(wanted.max())) if direction == "forward" else dict(lo=int(wanted.min()))
+        logs = _exact_jit(steps, shared, params, h0, record, direction=direction, tol=tol, **bounds)
         logs = logs[wanted - 1]
     else:
+        if len(c.segments) != 1 or sizes.min() != sizes.max():
+            raise ValueError(
+                "method='topk' runs on chains of one segment of equal-size states (gradflow's stacks, "
+                f"a step with stacked params); this chain has {len(c.segments)} segments: use method='exact'"
+            )
         key = jax.random.key(0) if key is None else key
-        logs = _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol)
-    return SpectraResult(depths=wanted, log_singular_values=np.asarray(logs)[:, :k], direction=direction)
+        seg = c.segments[0]
+        logs = _topk(seg.step, seg.shared, seg.params, h0, wanted, direction, k, oversample, refine, key, tol)
+    return SpectraResult(
+        depths=wanted,
+        log_singular_values=np.asarray(logs)[:, :k],
+        direction=direction,
+        layers=tuple(c.layers[l - 1] for l in wanted),
+        widths=sizes[wanted],
+    )
 
 
-def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
+def _layers(step3, shared, params, points, c, s, n_steps, transpose, down, tol=None):
     """Apply n_steps layers of the walk to the rows of a log-scaled block (dynamic trip count).
 
     Returns orthonormal rows and the log singular values of the block's product (Jacobi once, at
@@ -310,7 +393,7 @@ def _layers(flat, params, points, c, s, n_steps, transpose, down, tol=None):
         i = jnp.where(down, n_steps - 1 - t, t)
         p = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
         h = lax.dynamic_index_in_dim(points, i, keepdims=False)
-        return _jacobi.carry_step(_apply_rows(flat, p, h, c, transpose != down), s)
+        return _jacobi.carry_step(_apply_rows(step3, shared, p, h, c, transpose != down), s)
 
     c, s = lax.fori_loop(0, n_steps, body, (c, s))
     return _jacobi.qr_step(c, s, tol=tol)  # orthonormal rows, exp(s) the singular values
@@ -321,7 +404,7 @@ def _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, k
     n = int(h0.size)
     m = min(n, k + (k if oversample is None else oversample))
     x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), h0.dtype))[0].T  # (m, n) orthonormal rows
-    depth = _depth_of(params)
+    depth = _depth_of(params) if params is not None else 1
     # Depths in walk order, each started from the previous one's right singular block: the
     # input-side singular directions of a product settle as it deepens (Oseledets), so a deeper
     # depth starts nearer its answer (tanh, N = 1024, depth 32: 8 rounds instead of 10).
@@ -354,14 +437,13 @@ def _topk_at_depth(step3, shared, params, h0, x0, n_steps, *, k, transpose, refi
     set of variables of the same shapes reuses the compiled program. Returns the m log singular
     values, sorted descending, and the final right singular block (the start for a deeper depth).
     """
-    shape = tuple(h0.shape)
-    flat = lambda p, v: step3(shared, p, v.reshape(shape)).reshape(-1)  # noqa: E731
-    points = _states(flat, params, h0.reshape(-1))
+    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
+    _, points = _states(step3, shared, params, h0, depth)
     if transpose:
-        params, points = _reverse(params), points[::-1]
+        params, points = jax.tree.map(lambda a: a[::-1], params), points[::-1]
     zeros = jnp.zeros(x0.shape[0], points.dtype)
-    up = lambda x: _layers(flat, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
-    down = lambda u: _layers(flat, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
+    up = lambda x: _layers(step3, shared, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
+    down = lambda u: _layers(step3, shared, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
     top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
 
     def cond(state):
@@ -401,45 +483,72 @@ def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None 
     k = n if k is None else k
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the state size), got {k}")
-    return _lyapunov(_flat_step(step, tuple(h0.shape)), params, h0.reshape(-1), k=k)
+    return _lyapunov(_Unshared(step), params, h0, k=k)
 
 
-@functools.partial(jax.jit, static_argnames=("flat", "k"))
-def _lyapunov(flat: Step, params: Any, h0: jax.Array, *, k: int) -> jax.Array:
-    """`lyapunov_exponents` on flat states; module-level, so equal steps reuse the program."""
-    points = _states(flat, params, h0)
+@functools.partial(jax.jit, static_argnames=("step3", "k"))
+def _lyapunov(step3: Step, params: Any, h0: jax.Array, *, k: int) -> jax.Array:
+    """`lyapunov_exponents`; module-level, so equal steps reuse the program."""
+    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
+    _, points = _states(step3, None, params, h0, depth)
 
     def body(carry, xs):
         q, acc = carry
         p, h = xs
-        y = _apply_rows(flat, p, h, q.T, False).T  # (n, k) = A_l Q
+        y = _apply_rows(step3, None, p, h, q.T, False).T  # (n, k) = A_l Q
         q, r = jnp.linalg.qr(y)
         return (q, acc + jnp.log(jnp.abs(jnp.diagonal(r)))), None
 
-    q0 = jnp.eye(h0.shape[0], k, dtype=h0.dtype)
+    q0 = jnp.eye(h0.size, k, dtype=h0.dtype)
     (_, acc), _ = lax.scan(body, (q0, jnp.zeros(k, h0.dtype)), (params, points))
     return jnp.sort(acc / points.shape[0])[::-1]
 
 
 def model_spectra(
-    model: Any, variables: Any, x: jax.Array, *, train: bool = False, **options
+    model: Any,
+    variables: Any,
+    x: jax.Array,
+    *,
+    layers: Sequence[str] | None = None,
+    train: bool = False,
+    depths: Sequence[int] | None = None,
+    **options: Any,
 ) -> SpectraResult:
-    """`jacobian_spectra` of any gradflow stack through its layer-walking interface.
+    """Per-layer spectra of any model: a gradflow stack, a linen or nnx module, a cut-marked function.
+
+    The model is cut into a layer chain by `gradflow.nn.chain` (see there for how layers are
+    found, and the skip-connection check); the result's rows are the chain's layers, named in
+    `.layers` with their state sizes in `.widths`.
 
     Args:
-      model: a stack with `walk(variables, x, train=...)` (MLPStack, RNNStack, LSTMStack, GRUStack).
+      model: any model `gradflow.nn.chain` accepts.
       variables: its variables (params, and batch_stats if any).
-      x: one input (per-example map) or, with `train=True` for BatchNorm, a batch (the batch map).
-      **options: passed to `jacobian_spectra` (depths, method, k, direction, ...).
+      x: one input as the model takes it (a batch of one is fine); with `train=True` for
+        BatchNorm, a batch (the batch map, examples coupled).
+      layers: adapted models: the cut points (module paths or cut-marker names); gradflow
+        stacks: which of their layers to report (like `depths`, by name).
+      train: BatchNorm batch statistics instead of running averages.
+      depths: 1-based indices into the chain's layers (default: all).
+      **options: method, k, direction, oversample, refine, key, tol, as in `jacobian_spectra`.
+
+    Returns:
+      SpectraResult; forward rows are d h_l / d x (stacks: d h_l / d h_0, h_0 = embed(x)),
+      backward rows d y / d h_l (stacks: d h_L / d h_l).
     """
-    if not hasattr(model, "walk"):
-        raise ValueError(f"{type(model).__name__} has no layer-walking interface (walk method)")
-    walk = model.walk(variables, x, train=train)
-    args = inspect.signature(jacobian_spectra).bind(walk.step, walk.params, walk.h0, **options)
-    args.apply_defaults()
-    kwargs = {name: v for name, v in args.arguments.items() if name not in ("step", "params", "h0")}
-    try:
-        step3, shared = _walk_step(model, train), (variables, x)
-    except TypeError:  # an unhashable model: its fresh closure (recompiles on every call)
-        step3, shared = _lift(walk.step), None
-    return _spectra(step3, shared, walk.params, walk.h0, **kwargs)
+    fixed = isinstance(model, nn.Module) and callable(getattr(model, "chain", None))
+    c = make_chain(model, variables, x, layers=None if fixed else layers, train=train)
+    if fixed and layers is not None:
+        if depths is not None:
+            raise ValueError("pass layers or depths, not both")
+        names = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [n for n in names if n not in c.layers]
+        if unknown:
+            raise ValueError(
+                f"layers {unknown} are not in {type(model).__name__}; its layers are {_brief(c.layers)}"
+            )
+        depths = [c.layers.index(n) + 1 for n in names]
+    return chain_spectra(c, depths=depths, **options)
+
+
+def _brief(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"

@@ -16,15 +16,25 @@ class SpectraResult:
       depths: (D,) 1-based layer indices l.
       log_singular_values: (D, k) log sigma_i of J_l (forward) or G_l (backward); -inf = exactly 0.
       direction: "forward" (J_l = d h_l / d h_0) or "backward" (G_l = d h_L / d h_l).
+      layers: (D,) names of the layers, from the model's layer chain (default "1", "2", ...).
+      widths: (D,) the state size N_l of each layer (default: unknown, -1).
     """
 
     depths: np.ndarray
     log_singular_values: np.ndarray
     direction: str = "forward"
+    layers: tuple[str, ...] | None = None
+    widths: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "depths", np.asarray(self.depths))
         object.__setattr__(self, "log_singular_values", np.asarray(self.log_singular_values))
+        names = tuple(str(l) for l in self.depths) if self.layers is None else tuple(self.layers)
+        object.__setattr__(self, "layers", names)
+        widths = np.full(len(self.depths), -1) if self.widths is None else np.asarray(self.widths)
+        object.__setattr__(self, "widths", widths.astype(np.int64))
+        if len(names) != len(self.depths) or widths.shape != self.depths.shape:
+            raise ValueError(f"layers and widths need one entry per depth ({len(self.depths)})")
         if self.log_singular_values.ndim != 2 or self.log_singular_values.shape[0] != self.depths.shape[0]:
             raise ValueError(
                 f"log_singular_values must be (len(depths), k); got {self.log_singular_values.shape} "
@@ -74,19 +84,28 @@ class SpectraResult:
     def table(self, max_rows: int = 12) -> str:
         """A plain-text table of the summary at up to `max_rows` depths."""
         idx = np.unique(np.linspace(0, len(self.depths) - 1, min(max_rows, len(self.depths))).astype(int))
-        head = f"{'depth':>6} {'log smax':>10} {'log smin':>10} {'log mean s2':>12} {'log spread':>11} {'iso gap':>8}"
+        named = self.layers != tuple(str(l) for l in self.depths)
+        w = max([5, *(len(n) for n in self.layers)]) if named else 0
+        head = f"{'depth':>6} " + (f"{'layer':<{w}} {'width':>6} " if named else "")
+        head += f"{'log smax':>10} {'log smin':>10} {'log mean s2':>12} {'log spread':>11} {'iso gap':>8}"
         rows = [head]
         for i in idx:
+            layer = f"{self.layers[i]:<{w}} {self.widths[i]:>6d} " if named else ""
             rows.append(
-                f"{self.depths[i]:>6d} {self.log_max[i]:>10.3f} {self.log_min[i]:>10.3f} "
+                f"{self.depths[i]:>6d} {layer}{self.log_max[i]:>10.3f} {self.log_min[i]:>10.3f} "
                 f"{self.log_mean_sq[i]:>12.3f} {self.log_spread[i]:>11.3f} {self.isometry_gap[i]:>8.3f}"
             )
         return "\n".join(rows)
 
     def save(self, path: str | pathlib.Path) -> None:
-        """Write to `.npz` (depths, log_singular_values, direction)."""
+        """Write to `.npz` (depths, log_singular_values, direction, layers, widths)."""
         np.savez(
-            path, depths=self.depths, log_singular_values=self.log_singular_values, direction=self.direction
+            path,
+            depths=self.depths,
+            log_singular_values=self.log_singular_values,
+            direction=self.direction,
+            layers=np.asarray(self.layers, dtype=str),
+            widths=self.widths,
         )
 
     @classmethod
@@ -100,6 +119,8 @@ class SpectraResult:
                 depths=z["depths"],
                 log_singular_values=z["log_singular_values"],
                 direction=str(z["direction"]),
+                layers=tuple(str(n) for n in z["layers"]) if "layers" in z else None,
+                widths=z["widths"] if "widths" in z else None,
             )
 
     def plot(

@@ -1,7 +1,8 @@
 """Training: state, pure step with in-jit diagnostics, run loop with records and resume, sweeps."""
 
 from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
-from gradflow.train.diagnostics import layer_names as layer_names
+from gradflow.train.diagnostics import Layout as Layout
+from gradflow.train.diagnostics import layout as layout
 from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
 from gradflow.train.run import Result as Result
 from gradflow.train.run import train as train

@@ -1,33 +1,41 @@
 """Gradient-health diagnostics computed inside the jitted step: per-layer norms, ratios,
 activation statistics, and the location of the first NaN/Inf.
 
-Layers. For an `MLPStack`-shaped parameter tree (top-level "embed", "blocks", "head") the
-per-layer diagnostics are over the `L` blocks (`blocks` leaves carry a leading depth axis), so
-each is an array of shape (L,). Non-finite values are located on the full layer list
+Layers come from the model's layer chain (`gradflow.nn.chain`), summarized as a `Layout`;
+nothing here reads a model's parameter names. The per-layer diagnostics are over the chain's
+layers that own parameters: an `MLPStack`'s L blocks (stacked on their depth axis), a user's
+linen model's submodules ("conv1", "stage2/block1", ...). Where the chain's layers share their
+parameters (a recurrent cell through time) they are over the top-level parameter entries
+("cell", "head"). Non-finite values are located on the top-level entries in the order their
+modules run, a stacked entry expanded to its layers: for an MLPStack
 
     0 = embed,  1 .. L = blocks 1 .. L,  L + 1 = head.
 
-Any other parameter tree (e.g. the recurrent stacks) is split into its top-level entries in
-creation order (computation order for linen modules), and "layer" means one of those.
+Recorded quantities (`step_diagnostics`; names as in the step's metrics), each (n,) over the
+n per-layer rows (`Layout.layer_names`):
 
-Recorded quantities (`step_diagnostics`; names as in the step's metrics):
-
-- grad_norm (L,): ||dL/dtheta_l||, over all parameter leaves of block l.
-- preact_grad_norm (L,): ||dL/dz_l||, over the batch and units, z_l the input of block l's
-  activation (flax `perturb`, see `gradflow.nn.mlp.Block`); L is the batch-mean loss.
-- update_ratio (L,): ||u_l|| / ||theta_l||, u_l the update actually applied.
-- weight_norm (L,): ||theta_l||.
-- preact_mean, preact_var (L,): mean and variance of z_l over the batch and units.
-- saturated (L,): fraction of entries of z_l with |phi'(z)| < 0.01 (sigmoid/tanh saturation;
-  for ReLU the inactive entries).
-- dead (L,): fraction of units with |phi'(z)| < 0.01 for every example of the batch (dead
-  ReLUs; fully saturated sigmoid/tanh units count too).
+- grad_norm: ||dL/dtheta_l||, over all parameter leaves of layer l.
+- update_ratio: ||u_l|| / ||theta_l||, u_l the update actually applied (0 for a layer with no
+  parameters of its own).
+- weight_norm: ||theta_l||.
+- state_grad_norm: ||dL/dh_l||, over the batch and units, h_l layer l's output: by zero
+  perturbations added to every cut's output through the same interception that cuts the model
+  (stacks: flax `perturb` on each block's output); L is the batch-mean loss.
+- preact_grad_norm: ||dL/dz_l||, z_l the input of block l's activation (MLPStack only: its
+  blocks `perturb` and `sow` it under the name `PREACT`).
+- preact_mean, preact_var: mean and variance of z_l over the batch and units.
+- saturated: fraction of entries of z_l with |phi'(z)| < 0.01 (sigmoid/tanh saturation; for
+  ReLU the inactive entries).
+- dead: fraction of units with |phi'(z)| < 0.01 for every example of the batch (dead ReLUs;
+  fully saturated sigmoid/tanh units count too).
 - grad_norm_global (): ||dL/dtheta|| over the whole tree.
 
-The activation statistics are NaN for module activations ("prelu", "rrelu") and "maxout",
-whose derivative is not an elementwise function of z alone. All norms use
-`gradflow.numerics.stable_norm` per leaf slice and combine the slices' norms stably, so
-gradient norms far below 1e-19 do not underflow to 0 in float32.
+A diagnostic a model cannot give is left out of the metrics, never filled with NaN, and
+`Layout.omitted` (also `Result.omitted`, `SweepResult.omitted`) says why: the activation
+statistics need a known elementwise activation and its input (MLPStack with an activation
+function; not "prelu", "rrelu", "maxout"), and state gradients need layers with parameters of
+their own. All norms use `gradflow.numerics.stable_norm` per leaf slice and combine the
+slices' norms stably, so gradient norms far below 1e-19 do not underflow to 0 in float32.
 
 Non-finite location (`locate_nonfinite`): the first place in the order the computation runs.
 Forward, layers 0 .. L + 1: a layer's parameters ("param"), then its output ("activation":
@@ -40,53 +48,142 @@ gradient below it is NaN too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from gradflow import activations
+from gradflow.nn.chains import call_order
+from gradflow.nn.chains import chain as make_chain
 from gradflow.numerics import stable_norm
 
 NONFINITE_KINDS = ("none", "param", "activation", "loss", "gradient", "update")
 SATURATION_THRESHOLD = 0.01
 _MODULE_ACTIVATIONS = ("prelu", "rrelu", "maxout")
+# The protocol by which a block exposes its activation's input (gradflow.nn.mlp.Block): it sows
+# it into "intermediates" and perturbs it in "perturbations" under this name.
+PREACT = "preact"
+STATE = "state"  # and its output, for dL/dh_l
 
 
-def is_stack(params: Any) -> bool:
-    """True for an `MLPStack`-shaped tree (a "blocks" entry with a leading depth axis)."""
-    return isinstance(params, Mapping) and "blocks" in params
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which parameters and states make up each layer of a model: asked of its layer chain.
+
+    Attributes:
+      entries: the top-level parameter entries in creation order, as (key, names, stacked):
+        an entry that a chain segment stacks on its depth axis (MLPStack's blocks) has one name
+        per layer; any other entry is one layer named by its key. Their concatenated names are
+        the layers of non-finite location (`names`).
+      layers: the layers of the per-layer diagnostics, as (param path, names, stacked): the
+        chain's layers that own parameters (blocks of a stack; a linen model's submodules),
+        or, for a chain whose layers share their parameters (a recurrent cell through time),
+        the top-level entries.
+      cuts: the cut points of an adapted model (dL/dh_l by perturbations at each), or None.
+      stacked_key: the stacked entry whose blocks sow `PREACT` (gradflow stacks), or None.
+      omitted: per-layer diagnostics not recorded for this model, with the reason.
+    """
+
+    entries: tuple[tuple[str, tuple[str, ...], bool], ...]
+    layers: tuple[tuple[tuple[str, ...], tuple[str, ...], bool], ...]
+    cuts: tuple[str, ...] | None = None
+    stacked_key: str | None = None
+    omitted: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in the order of `locate_nonfinite` (index = position)."""
+        return [n for _, names, _ in self.entries for n in names]
+
+    @property
+    def num_layers(self) -> int:
+        """Length of the per-layer diagnostics."""
+        return sum(len(names) for _, names, _ in self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the per-layer diagnostics' rows."""
+        return [n for _, names, _ in self.layers for n in names]
+
+    def diagnostics(self) -> tuple[str, ...]:
+        """The per-layer diagnostics recorded for this model (see the module docstring)."""
+        gone = {name for name, _ in self.omitted}
+        return tuple(n for n in LAYER_DIAGNOSTICS if n not in gone)
 
 
-def layer_names(params: Any) -> list[str]:
-    """Names of the layers in the order used by `locate_nonfinite` (index = position)."""
-    if is_stack(params):
-        depth = _depth(params["blocks"])
-        rest = [k for k in params if k not in ("embed", "blocks", "head")]
-        pre = ["embed"] if "embed" in params else []
-        post = ["head"] if "head" in params else []
-        return pre + [f"blocks[{l}]" for l in range(1, depth + 1)] + post + rest
-    return list(params) if isinstance(params, Mapping) else ["params"]
+LAYER_DIAGNOSTICS = (
+    "grad_norm",
+    "update_ratio",
+    "weight_norm",
+    "state_grad_norm",
+    "preact_grad_norm",
+    "preact_mean",
+    "preact_var",
+    "saturated",
+    "dead",
+)
+_PREACT_DIAGNOSTICS = ("preact_grad_norm", "preact_mean", "preact_var", "saturated", "dead")
 
 
-def num_layers(params: Any) -> int:
-    """Length of the per-layer diagnostics: the blocks of a stack, else the top-level entries."""
-    if is_stack(params):
-        return _depth(params["blocks"])
-    return len(params) if isinstance(params, Mapping) else 1
+def layout(model: Any, variables: Any, x: Any) -> Layout:
+    """The `Layout` of `model`, from its layer chain on an input like x (structure only).
+
+    Args:
+      model: a gradflow stack or any linen model `gradflow.nn.chain` can cut.
+      variables: its variables (or {"params": ...}); may be tracers.
+      x: a batch of inputs (the chain is cut on its first example, batch axis kept).
+    """
+    variables = variables if "params" in variables else {"params": variables}
+    params = variables["params"]
+    x = jnp.asarray(x)
+    c = make_chain(model, variables, x if _is_stack(model) else x[:1], check=False)
+    own = [seg for seg in c.segments if seg.param_path is not None]
+    stacked = {seg.param_path[0]: seg for seg in own if len(seg.param_path) == 1 and seg.depth > 1}
+    order = call_order(model, variables, x if _is_stack(model) else x[:1])
+    keys = [k for k in order if k in params] + [k for k in params if k not in order]
+    entries = tuple((k, stacked[k].names, True) if k in stacked else (k, (k,), False) for k in keys)
+    if own:
+        layers = tuple((seg.param_path, seg.names, seg.depth > 1) for seg in own)
+    else:
+        layers = tuple(((k,), names, st) for k, names, st in entries)
+    adapted = not _is_stack(model)
+    sows = [k for k, seg in stacked.items() if getattr(model, "activation", None) is not None]
+    stacked_key = sows[0] if (sows and not adapted) else None
+    omitted = []
+    if stacked_key is not None and activation_fn(model) is None:
+        why = f"the activation {model.activation!r} has no elementwise derivative to test for saturation"
+        omitted += [("saturated", why), ("dead", why)]
+    if stacked_key is None:
+        why = (
+            "the model does not expose its activations' inputs (gradflow's MLPStack does); "
+            "state_grad_norm gives dL/dh_l at every layer instead"
+            if own
+            else "a recurrent cell's pre-activations stay inside flax's cell"
+        )
+        omitted += [(n, why) for n in _PREACT_DIAGNOSTICS]
+    if not own:
+        why = "the chain's layers share their parameters (through time): see spectra or chain.state_gradients"
+        omitted.append(("state_grad_norm", why))
+    return Layout(
+        entries=entries,
+        layers=layers,
+        cuts=tuple(c.layers) if adapted else None,
+        stacked_key=stacked_key,
+        omitted=tuple(omitted),
+    )
 
 
-def blank_diagnostics(n: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+def _is_stack(model: Any) -> bool:
+    return callable(getattr(model, "chain", None))
+
+
+def blank_diagnostics(lay: Layout, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """NaN-filled diagnostics (the values of a step that records none)."""
-    names = ("grad_norm", "weight_norm", "update_ratio", "preact_grad_norm")
-    names += ("preact_mean", "preact_var", "saturated", "dead")
-    out = {name: jnp.full((n,), jnp.nan, dtype) for name in names}
+    out = {name: jnp.full((lay.num_layers,), jnp.nan, dtype) for name in lay.diagnostics()}
     return {**out, "grad_norm_global": jnp.full([], jnp.nan, dtype)}
-
-
-def _depth(blocks: Any) -> int:
-    return int(jax.tree_util.tree_leaves(blocks)[0].shape[0])
 
 
 def _row_norms(x: jax.Array) -> jax.Array:
@@ -115,13 +212,19 @@ def stacked_norms(tree: Any) -> jax.Array:
     return _row_norms(_flat(leaves, leaves[0].shape[0]))
 
 
-def layer_norms(params: Any) -> jax.Array:
-    """Per-layer norms: (L,) over the blocks of a stack, else one per top-level entry."""
-    if is_stack(params):
-        return stacked_norms(params["blocks"])
-    if isinstance(params, Mapping):
-        return jnp.stack([tree_norm(params[k]) for k in params])
-    return tree_norm(params)[None]
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def layer_norms(lay: Layout, params: Any) -> jax.Array:
+    """Per-layer norms of a params-shaped tree, shape (lay.num_layers,)."""
+    out = []
+    for path, _, stacked in lay.layers:
+        sub = _at(params, path)
+        out.append(stacked_norms(sub) if stacked else tree_norm(sub)[None])
+    return jnp.concatenate(out)
 
 
 def tree_finite(tree: Any) -> jax.Array:
@@ -136,19 +239,16 @@ def tree_finite(tree: Any) -> jax.Array:
     return out
 
 
-def layer_finite(params: Any) -> jax.Array:
-    """Per-layer finiteness in the order of `layer_names`: bool array (n_layers,)."""
-    if is_stack(params):
-        blocks = params["blocks"]
-        leaves = jax.tree_util.tree_leaves(blocks)
-        per_block = jnp.all(jnp.isfinite(_flat(leaves, leaves[0].shape[0])), axis=1)
-        pre = [tree_finite(params["embed"])[None]] if "embed" in params else []
-        post = [tree_finite(params["head"])[None]] if "head" in params else []
-        rest = [tree_finite(params[k])[None] for k in params if k not in ("embed", "blocks", "head")]
-        return jnp.concatenate(pre + [per_block] + post + rest)
-    if isinstance(params, Mapping):
-        return jnp.stack([tree_finite(params[k]) for k in params])
-    return tree_finite(params)[None]
+def layer_finite(lay: Layout, params: Any) -> jax.Array:
+    """Per-layer finiteness in the order of `lay.names`: bool array (len(lay.names),)."""
+    out = []
+    for key, _, stacked in lay.entries:
+        if stacked:
+            leaves = jax.tree_util.tree_leaves(params[key])
+            out.append(jnp.all(jnp.isfinite(_flat(leaves, leaves[0].shape[0])), axis=1))
+        else:
+            out.append(tree_finite(params[key])[None])
+    return jnp.concatenate(out)
 
 
 def activation_fn(model: Any) -> Callable | None:
@@ -183,9 +283,11 @@ def activation_stats(z_LxBxW: jax.Array, phi: Callable | None) -> dict[str, jax.
 
 
 def step_diagnostics(
+    lay: Layout,
     params: Any,
     grads: Any,
     updates: Any,
+    state_grads: list[jax.Array] | None,
     preact_grads: jax.Array | None,
     preacts: jax.Array | None,
     phi: Callable | None,
@@ -193,39 +295,47 @@ def step_diagnostics(
     """The per-layer diagnostics of one step (see the module docstring for names and shapes).
 
     Args:
+      lay: the model's `Layout`.
       params: parameters before the step.
       grads: their gradients (same tree).
       updates: the optimizer's updates (same tree).
-      preact_grads: dL/dz, shape (L, B, ..., W), or None (the entry is then NaN).
-      preacts: z, shape (L, B, ..., W), or None (activation statistics are then NaN).
+      state_grads: dL/dh_l per layer: a list of (B, ...) arrays (adapted models) or one
+        stacked (L, B, ...) array (stacks), or None where omitted.
+      preact_grads: dL/dz, shape (L, B, ..., W), or None where omitted.
+      preacts: z, shape (L, B, ..., W), or None where omitted.
       phi: the elementwise activation or None.
 
     Returns:
-      A dict of arrays: per-layer ones (n,) and grad_norm_global ().
+      A dict of arrays: per-layer ones (lay.num_layers,) for each of `lay.diagnostics()`, and
+      grad_norm_global ().
     """
-    grad_norm = layer_norms(grads)
-    weight_norm = layer_norms(params)
-    n = grad_norm.shape[0]
-    nan = jnp.full((n,), jnp.nan, grad_norm.dtype)
-    update_norm = layer_norms(updates)
+    grad_norm = layer_norms(lay, grads)
+    weight_norm = layer_norms(lay, params)
+    update_norm = layer_norms(lay, updates)
     out = {
         "grad_norm": grad_norm,
         "weight_norm": weight_norm,
-        "update_ratio": update_norm / weight_norm,
+        # a layer without parameters of its own (a reshape, a pooling) moves by nothing: 0
+        "update_ratio": jnp.where(
+            weight_norm > 0, update_norm / jnp.where(weight_norm > 0, weight_norm, 1), 0.0
+        ),
         "grad_norm_global": tree_norm(grads),
     }
-    if preact_grads is not None and preact_grads.shape[0] == n:
-        out["preact_grad_norm"] = jax.vmap(stable_norm)(preact_grads.reshape(n, -1))
-    else:
-        out["preact_grad_norm"] = nan
-    if preacts is not None and preacts.shape[0] == n:
+    if state_grads is not None:
+        if isinstance(state_grads, list):
+            out["state_grad_norm"] = jnp.stack([stable_norm(g) for g in state_grads])
+        else:
+            out["state_grad_norm"] = _row_norms(state_grads.reshape(state_grads.shape[0], -1))
+    if preact_grads is not None:
+        out["preact_grad_norm"] = _row_norms(preact_grads.reshape(preact_grads.shape[0], -1))
+    if preacts is not None:
         out.update(activation_stats(preacts, phi))
-    else:
-        out.update(preact_mean=nan, preact_var=nan, saturated=nan, dead=nan)
-    return out
+    wanted = set(lay.diagnostics()) | {"grad_norm_global"}
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 def locate_nonfinite(
+    lay: Layout,
     params: Any,
     x: jax.Array,
     preacts: jax.Array | None,
@@ -237,38 +347,34 @@ def locate_nonfinite(
     """Where a NaN/Inf first appears, in the order the computation runs (module docstring).
 
     Args:
+      lay: the model's `Layout` (its `names` are the layers located).
       params: parameters before the step.
       x: the input batch, shape (B, ...).
-      preacts: block pre-activations (L, B, ..., W), or None when not recorded.
+      preacts: pre-activations (L, B, ..., W) of the stacked entry, or None when not recorded.
       logits: the model output, shape (B, ...).
       loss: the scalar loss.
       grads: gradients (tree of params).
       new_params: parameters after the update.
 
     Returns:
-      (layer, kind): int32 scalars; layer indexes `layer_names(params)` (-1 if all finite),
-      kind indexes `NONFINITE_KINDS` (0 = "none").
+      (layer, kind): int32 scalars; layer indexes `lay.names` (-1 if all finite), kind
+      indexes `NONFINITE_KINDS` (0 = "none").
     """
-    param_ok = layer_finite(params)
+    param_ok = layer_finite(lay, params)
     n = param_ok.shape[0]
-    act_ok = jnp.ones((n,), bool)
-    if is_stack(params):
-        has_embed = "embed" in params
-        first_block = 1 if has_embed else 0
-        if has_embed:
-            act_ok = act_ok.at[0].set(tree_finite(x))
-        if preacts is not None:
+    act_ok = jnp.ones((n,), bool).at[0].set(tree_finite(x))
+    at = 0
+    for key, names, _ in lay.entries:
+        if key == lay.stacked_key and preacts is not None:
             L = preacts.shape[0]
-            block_ok = jnp.all(jnp.isfinite(preacts.reshape(L, -1)), axis=1)
-            act_ok = act_ok.at[first_block : first_block + L].set(block_ok)
-        depth = _depth(params["blocks"])
-        out_index = first_block + depth if "head" in params else first_block + depth - 1
-    else:
-        act_ok = act_ok.at[0].set(tree_finite(x))
-        out_index = n - 1
+            act_ok = act_ok.at[at : at + L].set(
+                act_ok[at : at + L] & jnp.all(jnp.isfinite(preacts.reshape(L, -1)), axis=1)
+            )
+        at += len(names)
+    out_index = n - 1
     act_ok = act_ok.at[out_index].set(act_ok[out_index] & tree_finite(logits))
-    grad_ok = layer_finite(grads)
-    new_ok = layer_finite(new_params)
+    grad_ok = layer_finite(lay, grads)
+    new_ok = layer_finite(lay, new_params)
     idx = jnp.arange(n)
     big = jnp.int32(n)
 

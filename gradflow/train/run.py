@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gradflow.train.diagnostics import NONFINITE_KINDS, layer_names
+from gradflow.train.diagnostics import NONFINITE_KINDS, layout
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 from gradflow.train.sweep import sweep_optimizer
@@ -59,6 +59,8 @@ class Result:
       nonfinite: the first non-finite step, {"epoch", "step", "layer", "layer_name", "kind"},
         or None.
       layer_names: the layer order used to report non-finite values (diagnostics module).
+      diagnostic_layers: the layers of the per-layer diagnostics (the records' lists).
+      omitted: per-layer diagnostics not recorded for this model, name -> reason.
       run_dir: where the records are, or None.
     """
 
@@ -68,6 +70,8 @@ class Result:
     stopped: bool
     nonfinite: dict | None
     layer_names: list[str]
+    diagnostic_layers: list[str] = dataclasses.field(default_factory=list)
+    omitted: dict[str, str] = dataclasses.field(default_factory=dict)
     run_dir: Path | None = None
 
     @property
@@ -267,7 +271,8 @@ def train(
     tx = sweep_optimizer(cfg.optim, lr, clip_value)
     init_key, data_key = run_keys(cfg.seed)
     state = init_state(model, tx, init_key, x_train[: cfg.batch_size])
-    names = layer_names(state.params)
+    lay = layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x_train[: cfg.batch_size])
+    names = lay.names
     static = _static(cfg)
     epoch_fn = functools.partial(_run_epoch, lr=lr, clip_value=clip_value, model=model, cfg=static)
     has_test = x_test is not None
@@ -333,5 +338,7 @@ def train(
         stopped=done,
         nonfinite=nonfinite,
         layer_names=names,
+        diagnostic_layers=lay.layer_names,
+        omitted=dict(lay.omitted),
         run_dir=Path(run_dir) if run_dir is not None else None,
     )

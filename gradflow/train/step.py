@@ -45,21 +45,13 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
+from gradflow.nn.chains import cut_shapes, perturbed_apply, takes_train
 from gradflow.train import diagnostics as dg
 from gradflow.train.state import TrainConfig, TrainState
 
 Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
-LAYER_DIAGNOSTICS = (
-    "grad_norm",
-    "preact_grad_norm",
-    "update_ratio",
-    "weight_norm",
-    "preact_mean",
-    "preact_var",
-    "saturated",
-    "dead",
-)
+LAYER_DIAGNOSTICS = dg.LAYER_DIAGNOSTICS
 
 
 def task_loss(out: jax.Array, y: jax.Array, task: str) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -103,7 +95,8 @@ def make_train_step(
     """The pure training step of `model` under `optimizer` (see the module docstring).
 
     Args:
-      model: a linen module, `model.apply(variables, x, train=True)`.
+      model: a linen module, `model.apply(variables, x, train=True)` (`train` only where its
+        `__call__` takes one): a gradflow stack or any model `gradflow.nn.chain` can cut.
       optimizer: an optax transformation (e.g. `make_optimizer(cfg.optim)`).
       cfg: the training config (`task`, `diagnostics_every`; `on_nonfinite` acts in the epoch).
       axis_name: the name of the `jax.vmap` axis the step is mapped over, if any (runs of a
@@ -117,12 +110,20 @@ def make_train_step(
     """
     k = cfg.diagnostics_every
     phi = dg.activation_fn(model)
-    shapes: dict = {}
+    cache: dict = {}
+    train_kw = {"train": True} if takes_train(model) else {}
+
+    def layout(params, batch_stats, x) -> dg.Layout:
+        # The model's layers, asked of its chain once per input shape (structure only).
+        key = ("layout", x.shape, x.dtype)
+        if key not in cache:
+            cache[key] = dg.layout(model, _variables(params, batch_stats), x)
+        return cache[key]
 
     def apply(params, batch_stats, x, key, perturbations=None, sow=False):
         mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if sow else [])
         variables = _variables(params, batch_stats, perturbations)
-        return model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
+        return model.apply(variables, x, rngs={"dropout": key}, mutable=mutable, **train_kw)
 
     def plain_loss(params, batch_stats, x, y, key):
         out, new_vars = apply(params, batch_stats, x, key)
@@ -130,24 +131,51 @@ def make_train_step(
         return loss, (new_vars, extra)
 
     def diag_loss(params, perturbations, batch_stats, x, y, key):
-        out, new_vars = apply(params, batch_stats, x, key, perturbations, sow=True)
+        lay = layout(params, batch_stats, x)
+        if lay.cuts is not None:  # an adapted model: perturb every cut's output by interception
+            mutable = ["batch_stats"] if batch_stats else []
+            out, new_vars = perturbed_apply(
+                model,
+                lay.cuts,
+                perturbations,
+                _variables(params, batch_stats),
+                x,
+                rngs={"dropout": key},
+                mutable=mutable,
+                **train_kw,
+            )
+        else:  # a gradflow stack: its blocks perturb and sow (flax `perturb`, `sow`)
+            out, new_vars = apply(params, batch_stats, x, key, perturbations, sow=True)
         loss, extra = task_loss(out, y, cfg.task)
         return loss, (new_vars, extra)
 
     def zero_perturbations(params, batch_stats, x, key):
-        # The "perturbations" tree of this input shape, traced once (an extra abstract apply).
-        cache_key = (x.shape, x.dtype)
-        if cache_key not in shapes:
-
-            def create(params, batch_stats, x, key):
-                mutable = ["perturbations"] + (["batch_stats"] if batch_stats else [])
-                _, new = model.apply(
-                    _variables(params, batch_stats), x, train=True, rngs={"dropout": key}, mutable=mutable
+        # The perturbations' shapes for this input shape, traced once (an extra abstract apply).
+        lay = layout(params, batch_stats, x)
+        cache_key = ("perturbations", x.shape, x.dtype)
+        if cache_key not in cache:
+            if lay.cuts is not None:
+                mutable = ["batch_stats"] if batch_stats else []
+                cache[cache_key] = cut_shapes(
+                    model,
+                    lay.cuts,
+                    _variables(params, batch_stats),
+                    x,
+                    rngs={"dropout": key},
+                    mutable=mutable,
+                    **train_kw,
                 )
-                return new.get("perturbations", {})
+            else:
 
-            shapes[cache_key] = jax.eval_shape(create, params, batch_stats, x, key)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[cache_key])
+                def create(params, batch_stats, x, key):
+                    mutable = ["perturbations"] + (["batch_stats"] if batch_stats else [])
+                    _, new = model.apply(
+                        _variables(params, batch_stats), x, rngs={"dropout": key}, mutable=mutable, **train_kw
+                    )
+                    return new.get("perturbations", {})
+
+                cache[cache_key] = jax.eval_shape(create, params, batch_stats, x, key)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache[cache_key])
 
     def update(state, loss, grads, done):
         # Gated by the check that can be made before the optimizer runs (loss and gradients
@@ -166,25 +194,33 @@ def make_train_step(
         out = (ok, loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
         if k == 0:
             return out, {}
-        return out, dg.blank_diagnostics(dg.num_layers(state.params))
+        return out, dg.blank_diagnostics(layout(state.params, state.batch_stats, x))
 
     def diag_step(state, x, y, key, done):
+        lay = layout(state.params, state.batch_stats, x)
         perts = zero_perturbations(state.params, state.batch_stats, x, key)
         grad_fn = jax.value_and_grad(diag_loss, argnums=(0, 1), has_aux=True)
         (loss, (new_vars, extra)), (grads, pgrads) = grad_fn(
             state.params, perts, state.batch_stats, x, y, key
         )
         ok, updates, params, opt_state = update(state, loss, grads, done)
-        preacts = _first_sown(new_vars.get("intermediates", {}))
-        diagnostics = dg.step_diagnostics(state.params, grads, updates, _leaf(pgrads), preacts, phi)
+        preacts = _sown(lay, new_vars.get("intermediates", {}))
+        if lay.cuts is not None:
+            state_grads, preact_grads = list(pgrads), None
+        else:
+            state_grads, preact_grads = _perturbed(lay, pgrads, dg.STATE), _perturbed(lay, pgrads, dg.PREACT)
+        diagnostics = dg.step_diagnostics(
+            lay, state.params, grads, updates, state_grads, preact_grads, preacts, phi
+        )
         out = (ok, loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
         return out, diagnostics
 
     def locate(params, batch_stats, x, key, loss, grads, new_params):
         # Run only on a non-finite step: the forward is recomputed to see the pre-activations.
+        lay = layout(params, batch_stats, x)
         out, new_vars = apply(params, batch_stats, x, key, sow=True)
-        preacts = _first_sown(new_vars.get("intermediates", {}))
-        return dg.locate_nonfinite(params, x, preacts, out, loss, grads, new_params)
+        preacts = _sown(lay, new_vars.get("intermediates", {}))
+        return dg.locate_nonfinite(lay, params, x, preacts, out, loss, grads, new_params)
 
     def no_nonfinite(*_):
         return jnp.int32(-1), jnp.int32(0)
@@ -235,20 +271,18 @@ def _where(pred: ArrayLike, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
 
 
-def _first_sown(intermediates: Any) -> jax.Array | None:
-    """The sown pre-activations (L, B, ..., W) of a stack's blocks, or None."""
-    try:
-        return intermediates["blocks"]["preact"][0]
-    except (KeyError, TypeError, IndexError):
+def _sown(lay: dg.Layout, intermediates: Any) -> jax.Array | None:
+    """The pre-activations (L, B, ..., W) sown by a stack's blocks, or None where there are none."""
+    if lay.stacked_key is None:
         return None
+    return intermediates[lay.stacked_key][dg.PREACT][0]
 
 
-def _leaf(tree: Any) -> jax.Array | None:
-    """The perturbation gradient of the blocks' pre-activations, or None."""
-    try:
-        return tree["blocks"]["preact"]
-    except (KeyError, TypeError):
+def _perturbed(lay: dg.Layout, grads: Any, name: str) -> jax.Array | None:
+    """The gradient of the stacked blocks' perturbation `name`, (L, B, ...), or None."""
+    if lay.stacked_key is None:
         return None
+    return grads[lay.stacked_key][name]
 
 
 def make_train_epoch(
@@ -325,8 +359,9 @@ def summarize_epoch(metrics: Metrics) -> Metrics:
         out["accuracy"] = mean_over(ok, metrics["accuracy"])
     if "recorded" in metrics:
         rec = ok & metrics["recorded"]
-        for name in (*LAYER_DIAGNOSTICS, "grad_norm_global"):
-            out[name] = mean_over(rec, metrics[name])
+        for name in (*dg.LAYER_DIAGNOSTICS, "grad_norm_global"):
+            if name in metrics:
+                out[name] = mean_over(rec, metrics[name])
     return out
 
 
@@ -345,7 +380,8 @@ def evaluate(model: nn.Module, state: TrainState, x: ArrayLike, y: ArrayLike, cf
     Returns:
       {"loss": (), "accuracy": ()} (accuracy for classification only).
     """
-    out = model.apply(_variables(state.params, state.batch_stats), jnp.asarray(x), train=False)
+    kw = {"train": False} if takes_train(model) else {}
+    out = model.apply(_variables(state.params, state.batch_stats), jnp.asarray(x), **kw)
     loss, extra = task_loss(out, jnp.asarray(y), cfg.task)
     return {"loss": loss, **extra}
 

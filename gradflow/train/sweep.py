@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from gradflow.optim import OptimConfig, make_optimizer
-from gradflow.train.diagnostics import is_stack, layer_names
+from gradflow.train.diagnostics import Layout, layout
 from gradflow.train.state import TrainConfig, TrainState, init_state, init_variables, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
@@ -100,8 +100,10 @@ def grid(
     )
 
 
-def scale_kernels(params: Any, scale: ArrayLike) -> Any:
-    """Multiply the kernels of the blocks (of a stack; else all kernels) by `scale`."""
+def scale_kernels(params: Any, scale: ArrayLike, lay: Layout | None = None) -> Any:
+    """Multiply the kernels of the model's layers by `scale`: those of `lay.layers` (a stack's
+    blocks; every layer of an adapted model; every entry of a recurrent stack), or every kernel
+    of `params` without a layout."""
 
     def scaled(tree):
         return {
@@ -109,10 +111,16 @@ def scale_kernels(params: Any, scale: ArrayLike) -> Any:
             for k, v in tree.items()
         }
 
+    def replace(tree, path):
+        head, *rest = path
+        return {**tree, head: scaled(dict(tree[head])) if not rest else replace(dict(tree[head]), rest)}
+
+    if lay is None:
+        return scaled(dict(params))
     params = dict(params)
-    if is_stack(params):
-        return {**params, "blocks": scaled(dict(params["blocks"]))}
-    return scaled(params)
+    for path, _, _ in lay.layers:
+        params = replace(params, path)
+    return params
 
 
 def _clip(kind: str, value: ArrayLike) -> optax.GradientTransformation:
@@ -155,7 +163,8 @@ def make_run(
         init_key, data_key = run_keys(hp.seed)
         tx = sweep_optimizer(cfg.optim, hp.lr, hp.clip_value)
         state = init_state(model, tx, init_key, x[: cfg.batch_size], variables)
-        params = scale_kernels(state.params, hp.weight_scale)
+        lay = layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x[: cfg.batch_size])
+        params = scale_kernels(state.params, hp.weight_scale, lay)
         state = state._replace(params=params, opt_state=tx.init(params))
         return train_epochs(model, tx, cfg, state, data, data_key, axis_name=axis_name)
 
@@ -203,6 +212,8 @@ class SweepResult:
       batch_stats: final BatchNorm statistics ({} without BatchNorm), leading axis S.
       epochs: per-epoch summaries, each (S, epochs, ...) (see `make_run`).
       layer_names: the layer order of `nonfinite_layer`.
+      diagnostic_layers: the layers of the per-layer diagnostics' last axis.
+      omitted: per-layer diagnostics not recorded for this model, name -> reason.
       num_devices: devices the sweep axis was sharded over (1: unsharded).
     """
 
@@ -211,6 +222,8 @@ class SweepResult:
     batch_stats: Any
     epochs: dict[str, np.ndarray]
     layer_names: list[str]
+    diagnostic_layers: list[str]
+    omitted: dict[str, str]
     num_devices: int
 
     def point(self, i: int) -> dict:
@@ -322,13 +335,15 @@ def sweep(
     params, batch_stats, epochs = jax.tree.map(
         lambda a: np.asarray(a)[:S], _to_host((params, batch_stats, epochs))
     )
-    names = layer_names(jax.tree.map(lambda a: a[0], params))
+    lay = layout(model, jax.tree.map(lambda a: a[0], {"params": params, "batch_stats": batch_stats}), x[:1])
     return SweepResult(
         hparams=Hparams(*(a[:S] for a in hp)),
         params=params,
         batch_stats=batch_stats,
         epochs=epochs,
-        layer_names=names,
+        layer_names=lay.names,
+        diagnostic_layers=lay.layer_names,
+        omitted=dict(lay.omitted),
         num_devices=len(devices) if shard else 1,
     )
 
