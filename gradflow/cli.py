@@ -44,6 +44,13 @@ class Spectra:
     seed: int = 0
     out: str = "runs/spectra"
     """output directory: spectra.npz, spectra.png, summary.json."""
+    user_model: str | None = None
+    """your own model instead of --model.*: path/to/file.py:Name or package.module:Name (a linen
+    Module class built with no arguments, or an instance); random normal input of --input-shape."""
+    input_shape: tuple[int, ...] | None = None
+    """the example input's shape for --user-model, batch axis included (e.g. 1 28 28 1)."""
+    layers: tuple[str, ...] | None = None
+    """--user-model: cut points by module path ("Conv_0", "stage2/block1"); default: top-level submodules."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,11 @@ class Train:
     """run directory: config.json, metrics.jsonl, checkpoints, loss.png, grad_norms.png."""
     resume: bool = True
     """continue from the last checkpoint in `out` if there is one."""
+    user_model: str | None = None
+    """your own linen model instead of --model.*: path/to/file.py:Name or package.module:Name; it
+    must output one logit per class of --dataset."""
+    input_shape: tuple[int, ...] | None = None
+    """--user-model: the shape of one example (the data are reshaped to it, e.g. 40 1 for a 1-D conv)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +130,65 @@ def _dataset(name: str, num_samples: int, model: StackConfig, seed: int):
     return ds, "classification"
 
 
+def load_model(spec: str):
+    """A model named on the command line: "path/to/file.py:Name" or "package.module:Name".
+
+    A class is built with no arguments; anything else (an instance) is returned as it is.
+    """
+    import importlib
+    import importlib.util
+
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"user_model={spec!r} must be path/to/file.py:Name or package.module:Name")
+    if where.endswith(".py"):
+        path = pathlib.Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"user_model: no file {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"user_model: cannot import {where!r} ({e})") from e
+    if not hasattr(module, name):
+        found = sorted(k for k in vars(module) if not k.startswith("_"))
+        raise ValueError(f"user_model: {where} has no {name!r}; it defines {', '.join(found)}")
+    obj = getattr(module, name)
+    return obj() if isinstance(obj, type) else obj
+
+
+def _user_input(cmd) -> tuple:
+    if cmd.input_shape is None or not cmd.input_shape or min(cmd.input_shape) < 1:
+        raise ValueError(f"--user-model needs --input-shape with positive sizes, got {cmd.input_shape}")
+    return tuple(cmd.input_shape)
+
+
+def _user_spectra(cmd: Spectra):
+    import flax.linen as nn
+    import jax
+
+    from gradflow import spectra
+
+    model = load_model(cmd.user_model)
+    shape = _user_input(cmd)
+    key = jax.random.key(cmd.seed)
+    x = jax.random.normal(jax.random.fold_in(key, 1), shape)
+    variables = model.init(key, x) if isinstance(model, nn.Module) else None
+    return spectra.model_spectra(
+        model,
+        variables,
+        x,
+        layers=cmd.layers,
+        depths=cmd.depths,
+        method=cmd.method,
+        k=cmd.k,
+        direction=cmd.direction,
+    ), {"user_model": cmd.user_model, "input_shape": list(shape)}
+
+
 def run_spectra(cmd: Spectra) -> int:
     import jax
     import numpy as np
@@ -131,26 +202,30 @@ def run_spectra(cmd: Spectra) -> int:
     ):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
-    model = cmd.model.build()
-    key = jax.random.key(cmd.seed)
-    recurrent = cmd.model.kind != "mlp"
-    if cmd.input == "mnist1d":
-        x = np.asarray(data.mnist1d(seed=cmd.seed, num_samples=100).x_train[:1])
+    if cmd.user_model is not None:
+        res, described = _user_spectra(cmd)
     else:
-        x = np.asarray(jax.random.normal(key, (1, 40)))
-    if recurrent:  # the 40 samples of the signal as a sequence, tiled to depth steps
-        x = np.resize(x[0], cmd.model.depth)[None, :, None]
-    variables = model.init(key, x)
-    res = spectra.model_spectra(
-        model, variables, x[0], depths=cmd.depths, method=cmd.method, k=cmd.k, direction=cmd.direction
-    )
+        model = cmd.model.build()
+        key = jax.random.key(cmd.seed)
+        recurrent = cmd.model.kind != "mlp"
+        if cmd.input == "mnist1d":
+            x = np.asarray(data.mnist1d(seed=cmd.seed, num_samples=100).x_train[:1])
+        else:
+            x = np.asarray(jax.random.normal(key, (1, 40)))
+        if recurrent:  # the 40 samples of the signal as a sequence, tiled to depth steps
+            x = np.resize(x[0], cmd.model.depth)[None, :, None]
+        variables = model.init(key, x)
+        res = spectra.model_spectra(
+            model, variables, x[0], depths=cmd.depths, method=cmd.method, k=cmd.k, direction=cmd.direction
+        )
+        described = dataclasses.asdict(cmd.model)
     out = pathlib.Path(cmd.out)
     out.mkdir(parents=True, exist_ok=True)
     res.save(out / "spectra.npz")
     res.plot(out / "spectra.png")
     summary = {k: np.asarray(v).tolist() for k, v in res.summary().items()}
     (out / "summary.json").write_text(
-        json.dumps({"model": dataclasses.asdict(cmd.model), **summary}, indent=2)
+        json.dumps({"model": described, "layers": list(res.layers), **summary}, indent=2)
     )
     print(res.table())
     print(f"wrote {out / 'spectra.npz'}, {out / 'spectra.png'}, {out / 'summary.json'}")
@@ -158,10 +233,24 @@ def run_spectra(cmd: Spectra) -> int:
 
 
 def run_train(cmd: Train) -> int:
+    import numpy as np
+
     from gradflow import plots, train
 
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
-    model = dataclasses.replace(cmd.model, num_outputs=1 if task == "regression" else ds.num_classes).build()
+    if cmd.user_model is not None:
+        model, shape = load_model(cmd.user_model), _user_input(cmd)
+        n = int(np.prod(ds.x_train.shape[1:]))
+        if int(np.prod(shape)) != n:
+            raise ValueError(
+                f"--input-shape {shape} has {int(np.prod(shape))} entries; a {cmd.dataset} example has {n}"
+            )
+        reshape = lambda a: a.reshape((a.shape[0], *shape))  # noqa: E731
+        ds = dataclasses.replace(ds, x_train=reshape(ds.x_train), x_test=reshape(ds.x_test))
+    else:
+        model = dataclasses.replace(
+            cmd.model, num_outputs=1 if task == "regression" else ds.num_classes
+        ).build()
     cfg = dataclasses.replace(cmd.train, task=task)
     result = train.train(
         model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), run_dir=cmd.out, resume=cmd.resume
@@ -264,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return action(cmd)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
+    except SyntaxError as e:  # a --user-model file that does not parse
+        _fail(f"user_model: {e}", 2)
     return 0
 
 

@@ -100,3 +100,51 @@ def test_tiny_atlas_and_report_rebuild(tmp_path):
     (out / "report.html").unlink()
     assert cli.main(["report", str(out)]) == 0
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+MODELS = str(__import__("pathlib").Path(__file__).parents[1] / "experiments" / "models" / "small_cnn.py")
+
+
+def test_spectra_of_a_user_model_file_against_float64(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gradflow.numerics import x64
+
+    out = tmp_path / "user"
+    argv = ["spectra", "--user-model", f"{MODELS}:Tiny", "--input-shape", "1", "6", "6", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "Conv_0" in capsys.readouterr().out  # the table names the layers
+    saved = np.load(out / "spectra.npz")
+    assert list(saved["layers"]) == ["Conv_0", "Conv_1", "Dense_0"]
+    # oracle: the whole model's Jacobian at the same input, float64 jacfwd + SVD
+    model = cli.load_model(f"{MODELS}:Tiny")
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (1, 6, 6, 1))
+    v = model.init(key, x)
+    with x64():
+        v64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), v)
+        f = lambda x: model.apply(v64, x).reshape(-1)  # noqa: E731
+        jac = np.asarray(jax.jacfwd(f)(jnp.asarray(np.asarray(x), jnp.float64))).reshape(5, -1)
+    want = np.log(np.linalg.svd(jac, compute_uv=False))
+    np.testing.assert_allclose(saved["log_singular_values"][-1, :5], want, atol=2e-4)
+    assert np.isneginf(saved["log_singular_values"][-1, 5:]).all()
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["spectra", "--user-model", "nofile.py:CNN", "--input-shape", "1", "3"], "no file nofile.py"),
+        (["spectra", "--user-model", f"{MODELS}:Nope", "--input-shape", "1", "3"], "has no 'Nope'"),
+        (["spectra", "--user-model", f"{MODELS}:Tiny"], "needs --input-shape"),
+        (["spectra", "--user-model", "CNN", "--input-shape", "1", "3"], "must be path/to/file.py:Name"),
+        (["train", "--user-model", f"{MODELS}:CNN1D", "--input-shape", "41"], "has 41 entries"),
+    ],
+)
+def test_bad_user_models_exit_2_naming_the_problem(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert named in " ".join((err.out + err.err).split())
