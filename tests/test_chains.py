@@ -252,6 +252,11 @@ def test_bad_input_is_named(cnn):
     assert chain(m, vd, jnp.ones(3)).layers == ("Dense_1", "Dropout_0", "Dense_0")  # call order
     with pytest.raises(ValueError, match="takes no `train` argument"):
         chain(model, v, x, train=True)
+    nan = {"params": {**v["params"], "Conv_1": {**v["params"]["Conv_1"], "bias": jnp.full(4, jnp.nan)}}}
+    with pytest.raises(ValueError, match="non-finite parameters .* layer 'Conv_1'"):
+        spectra.chain_spectra(chain(model, nan, x, check=False))
+    with pytest.raises(ValueError, match="layer 'Conv_1' computes non-finite values"):
+        spectra.model_spectra(model, nan, x)
     with pytest.raises(ValueError, match="topk.*use method='exact'"):
         spectra.model_spectra(model, v, x, method="topk", k=2)
     with pytest.raises(ValueError, match=r"k must be an integer in 1..36"):

@@ -113,7 +113,18 @@ def test_spectra_of_a_user_model_file_against_float64(tmp_path, capsys):
     from gradflow.numerics import x64
 
     out = tmp_path / "user"
-    argv = ["spectra", "--user-model", f"{MODELS}:Tiny", "--input-shape", "1", "6", "6", "1", "--out", str(out)]
+    argv = [
+        "spectra",
+        "--user-model",
+        f"{MODELS}:Tiny",
+        "--input-shape",
+        "1",
+        "6",
+        "6",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert "Conv_0" in capsys.readouterr().out  # the table names the layers
     saved = np.load(out / "spectra.npz")

@@ -312,6 +312,12 @@ def test_bad_input_is_named():
         )
     with pytest.raises(ValueError, match="cannot cut object into layers"):
         spectra.model_spectra(object(), {}, jnp.zeros(3))
+    with pytest.raises(ValueError, match="layer '2' has non-finite parameters"):
+        spectra.jacobian_spectra(linear_step, w.at[1, 0, 0].set(jnp.nan), jnp.zeros(4))
+    with pytest.raises(ValueError, match="layer '3' has non-finite parameters"):
+        spectra.lyapunov_exponents(linear_step, w.at[2, 1, 1].set(jnp.inf), jnp.zeros(4))
+    with pytest.raises(ValueError, match="h0 contains non-finite"):
+        spectra.lyapunov_exponents(linear_step, w, jnp.array([1.0, jnp.nan, 0, 0]))
     with pytest.raises(ValueError, match="integer layer indices"):
         spectra.jacobian_spectra(linear_step, w, jnp.zeros(4), depths=[2.5])
     with pytest.raises(ValueError, match="oversample must be >= 0"):

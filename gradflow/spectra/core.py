@@ -304,6 +304,36 @@ def _state_sizes(c: Chain) -> np.ndarray:
     return np.asarray(sizes)
 
 
+def _check_finite_parameters(c: Chain) -> None:
+    """Raise naming the first layer whose parameters hold a NaN/Inf (host-side, before compiling).
+
+    Renormalization reads a non-finite row as a zero one, so NaN weights would otherwise come
+    out as log sigma = -inf, which means an exactly zero singular value.
+    """
+    for seg in c.segments:
+        if seg.params is not None:
+            leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(seg.params)]
+            if leaves and jnp.issubdtype(leaves[0].dtype, jnp.floating):
+                ok = np.all([np.isfinite(a.reshape(seg.depth, -1)).all(axis=1) for a in leaves], axis=0)
+                if not ok.all():
+                    raise ValueError(
+                        f"layer {seg.names[int(np.argmin(ok))]!r} has non-finite parameters (NaN/Inf)"
+                    )
+        shared = seg.shared
+        if seg.param_path is not None and isinstance(shared, tuple):  # an adapted model's layer
+            shared = shared[0]["params"]
+            for key in seg.param_path:
+                shared = shared[key]
+        floats = [
+            np.asarray(a)
+            for a in jax.tree_util.tree_leaves(shared)
+            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+        ]
+        if any(not np.isfinite(a).all() for a in floats):
+            where = seg.names[0] if seg.depth == 1 else f"{seg.names[0]} .. {seg.names[-1]}"
+            raise ValueError(f"non-finite parameters (NaN/Inf) in the variables of layer {where!r}")
+
+
 def chain_spectra(
     c: Chain,
     *,
@@ -337,6 +367,7 @@ def chain_spectra(
     for seg in c.segments:
         if seg.params is not None and seg.depth > 1:
             _depth_of(seg.params)
+    _check_finite_parameters(c)
     depth = c.depth
     wanted = _check_depths(depths, depth)
     sizes = _state_sizes(c)
@@ -478,7 +509,9 @@ def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None 
       (k,) array, sorted descending; -inf for directions the map annihilates.
     """
     h0 = jnp.asarray(h0)
-    _depth_of(params)  # checks the depth axis
+    if not bool(jnp.all(jnp.isfinite(h0))):
+        raise ValueError("h0 contains non-finite values")
+    _check_finite_parameters(_user_chain(step, params, h0))  # also checks the depth axis
     n = int(h0.size)
     k = n if k is None else k
     if not 1 <= k <= n:

@@ -1,0 +1,292 @@
+"""How an adapted model is cut: cut markers, the event stream of one forward pass, layer maps.
+
+The machinery behind `gradflow.nn.chain` for models gradflow did not build: one forward pass
+of the model with every cut point (a linen submodule call, seen through `nn.intercept_methods`,
+or a `cut` marker) reported in order to an `_Events` object, which records, substitutes or
+perturbs the values there. Layer l's map (`_CutLayer`) substitutes cut l-1 and records cut l;
+the trainer's state gradients perturb every cut (`perturbed_apply`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import errors as flax_errors
+
+_HOOK: contextvars.ContextVar = contextvars.ContextVar("gradflow_cut_hook", default=None)
+
+
+def cut(h: jax.Array, name: str) -> jax.Array:
+    """Mark a layer boundary named `name` in a model's forward code: the identity on h.
+
+    `gradflow.nn.chain` cuts a plain function, an nnx module or a linen model at these markers.
+    """
+    hook = _HOOK.get()
+    return h if hook is None else hook(name, h)
+
+
+@contextlib.contextmanager
+def _hooked(hook: Callable[[str, Any], Any]):
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
+
+
+class _Events:
+    """Counts cut events in call order; substitutes one, records others (a single forward run).
+
+    Written by hand because flax's interception sees linen submodule calls only, not `cut`
+    markers in plain functions; one event stream serves both.
+    """
+
+    def __init__(
+        self,
+        wanted: tuple[str, ...] | None,
+        substitute: tuple[int, Any] | None = None,
+        add: Sequence[jax.Array] | None = None,
+    ):
+        self.wanted = wanted  # None: record every module call and marker (a probe)
+        self.substitute = substitute
+        self.add = add  # perturbations added to the wanted events' outputs, in order
+        self.seen: list[tuple[str, str, Any]] = []  # (kind, name, value) in completion order
+        self._counts: dict[str, int] = {}
+
+    def name(self, base: str) -> str:
+        n = self._counts.get(base, 0) + 1
+        self._counts[base] = n
+        return base if n == 1 else f"{base}#{n}"
+
+    def hit(self, kind: str, name: str, compute: Callable[[], Any]) -> Any:
+        """The value of a cut event: computed, or the substitute if it is the one to replace."""
+        if self.wanted is not None and name not in self.wanted:
+            return compute()
+        if self.substitute is not None and len(self.seen) == self.substitute[0]:
+            value = self.substitute[1]
+        else:
+            value = compute()
+        if self.add is not None:
+            value = value + self.add[len(self.seen)]
+        self.seen.append((kind, name, value))
+        return value
+
+
+def _run(target: Any, variables: Any, x: Any, options: tuple, events: _Events, full: bool = False) -> Any:
+    """The model's output, with `events` told of every cut (linen module calls and markers).
+
+    full: return `apply`'s whole result ((output, mutated collections) when some are mutable).
+    """
+
+    def on_cut(name, h):
+        return events.hit("cut", events.name(name), lambda: h)
+
+    if isinstance(target, nn.Module):
+
+        def interceptor(next_fun, args, kwargs, context):
+            path = context.module.path
+            if context.method_name != "__call__" or not path:
+                return next_fun(*args, **kwargs)
+            return events.hit("module", events.name("/".join(path)), lambda: next_fun(*args, **kwargs))
+
+        opts = dict(options)
+        mutable = opts.pop("mutable", False)
+        with _hooked(on_cut), nn.intercept_methods(interceptor):
+            out = target.apply(variables, x, mutable=mutable, **opts)
+        return out[0] if mutable else out
+    with _hooked(on_cut):
+        return target(variables, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CutLayer:
+    """Layer `index` of an adapted model: cut index-1's output := h, return cut index's output
+    (the model's output for the last layer). Frozen, so equal models give equal, hashable steps."""
+
+    target: Any
+    cuts: tuple[str, ...]
+    index: int
+    options: tuple = ()
+
+    def __call__(self, shared: Any, _: Any, h: jax.Array) -> jax.Array:
+        variables, x = shared
+        if self.index == 0:
+            x = h  # the first layer's input is the model input itself
+        events = _Events(self.cuts, None if self.index == 0 else (self.index - 1, h))
+        out = _run(self.target, variables, x, self.options, events)
+        if self.index == len(self.cuts):
+            return out
+        return events.seen[self.index][2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _NnxApply:
+    """An nnx module as a pure function of its state: (state, x) -> merge(graphdef, state)(x)."""
+
+    graphdef: Any
+
+    def __call__(self, state: Any, x: jax.Array) -> jax.Array:
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, state)(x)
+
+
+def takes_train(model: nn.Module) -> bool:
+    """Whether a linen model's `__call__` takes a `train` argument (gradflow passes it where it does)."""
+    return "train" in inspect.signature(type(model).__call__).parameters
+
+
+def perturbed_apply(
+    model: nn.Module,
+    cuts: tuple[str, ...],
+    perturbations: Sequence[jax.Array],
+    variables: Any,
+    x: Any,
+    **kwargs,
+) -> Any:
+    """`model.apply(variables, x, **kwargs)` with perturbations[i] added to the output of cut i.
+
+    With zero perturbations this is the model itself; the gradient of a loss with respect to
+    them is dL/dh_l at every cut (the trainer's per-layer state gradients), with no model edit.
+    """
+    events = _Events(cuts, add=perturbations)
+    return _run(model, variables, x, tuple(kwargs.items()), events, full=True)
+
+
+def cut_shapes(model: nn.Module, cuts: tuple[str, ...], variables: Any, x: Any, **kwargs) -> list:
+    """The shapes of the cuts' outputs when the model runs on x (the perturbations' shapes)."""
+    found: list = []
+
+    def forward(variables, x):
+        events = _Events(cuts)
+        out = _run(model, variables, x, tuple(kwargs.items()), events)
+        found.extend(jax.ShapeDtypeStruct(v.shape, v.dtype) for _, _, v in events.seen)
+        return out
+
+    jax.eval_shape(forward, variables, x)
+    return found
+
+
+def call_order(model: nn.Module, variables: Any, x: Any) -> list[str]:
+    """The model's top-level submodules in the order their calls complete (one abstract forward).
+
+    The order computations run in, where a params dict's own order may be sorted (jax sorts
+    dict keys whenever it rebuilds a tree).
+    """
+    events, _ = _probe(model, variables, x, _options(model, variables, False))
+    order: list[str] = []
+    for _, name, _ in events.seen:
+        top = name.split("#")[0].split("/")[0]
+        if top not in order:
+            order.append(top)
+    return order
+
+
+def _options(model: nn.Module, variables: Any, train: bool) -> tuple:
+    """apply() keyword arguments: `train` if the model's __call__ takes it, mutable batch stats."""
+    if train and not takes_train(model):
+        raise ValueError(f"train=True, but {type(model).__name__}.__call__ takes no `train` argument")
+    opts = {"train": train} if takes_train(model) else {}
+    if train and "batch_stats" in variables:
+        opts["mutable"] = ("batch_stats",)
+    return tuple(sorted(opts.items()))
+
+
+def _probe(target: Any, variables: Any, x: jax.Array, options: tuple) -> tuple[_Events, Any]:
+    """Every module call and cut marker of one forward pass, by shape (no computation)."""
+    events = _Events(None)
+
+    def forward(variables, x):
+        out = _run(target, variables, x, options, events)
+        return out, [v for _, _, v in events.seen]
+
+    try:
+        out, _ = jax.eval_shape(forward, variables, x)
+    except flax_errors.InvalidRngError as e:
+        raise ValueError(
+            "the model asked for a PRNG stream while being cut into layers (dropout in training "
+            "mode?): a chain is a deterministic map; use train=False / deterministic settings"
+        ) from e
+    except (TypeError, ValueError, flax_errors.FlaxError) as e:
+        raise ValueError(
+            f"running the model on x of shape {tuple(jnp.shape(x))} failed ({type(e).__name__}: {e}); "
+            "pass one input as the model takes it (a batch of one is fine)"
+        ) from e
+    return events, out
+
+
+def _select(events: _Events, layers: Sequence[str] | None, what: str) -> tuple[str, ...]:
+    markers = [n for k, n, _ in events.seen if k == "cut"]
+    modules = [n for k, n, _ in events.seen if k == "module"]
+    if layers is None:
+        if markers:
+            return tuple(markers)
+        top = tuple(n for n in modules if "/" not in n.split("#")[0])
+        if not top:
+            raise ValueError(
+                f"{what} has no submodules or cut markers to split it into layers; mark layer "
+                "boundaries with gradflow.nn.cut(h, name) or pass layers=[...]"
+            )
+        return top
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = tuple(layers)
+    known = markers + modules
+    missing = [n for n in layers if n not in known]
+    if missing:
+        raise ValueError(f"layers {missing} are not in {what}; its cut points are: {', '.join(known)}")
+    for a in layers:
+        for b in layers:
+            if a != b and b.startswith(a + "/"):
+                raise ValueError(f"layers {a!r} and {b!r} overlap (one is inside the other); pick one")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers repeat a name: {list(layers)}")
+    order = [n for _, n, _ in events.seen if n in layers]
+    return tuple(order)
+
+
+def _check_arrays(events: _Events, cuts: tuple[str, ...]) -> None:
+    for _, name, value in events.seen:
+        if name in cuts and not isinstance(value, jax.Array):
+            raise ValueError(
+                f"layer {name!r} returns {type(value).__name__}, not an array: a chain's states are "
+                "arrays; cut at a module that returns one (or at a cut marker)"
+            )
+
+
+def _param_path(target: Any, name: str, params: Any) -> tuple[str, ...] | None:
+    if not isinstance(target, nn.Module) or name == "output":
+        return None
+    path = tuple(name.split("#")[0].split("/"))
+    tree = params
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return path
+
+
+def _same_output(model, variables, x, options, cuts) -> bool:
+    """True iff the model returns the last cut's output itself (no code after the last cut)."""
+
+    def forward(variables, x):
+        events = _Events(cuts)
+        out = _run(model, variables, x, options, events)
+        return out is events.seen[-1][2]
+
+    flag = []
+
+    def traced(variables, x):
+        flag.append(forward(variables, x))
+        return 0.0
+
+    jax.eval_shape(traced, variables, x)
+    return bool(flag[0])
