@@ -75,7 +75,7 @@ def _assert_rows(res, ref, atol=2e-4):
 
 @pytest.fixture(scope="module")
 def cnn():
-    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 1))
+    x = jax.random.normal(jax.random.key(0), (1, 5, 5, 1))
     return CNN(), CNN().init(jax.random.key(1), x), x
 
 
@@ -84,9 +84,9 @@ def test_strided_cnn_spectra_against_float64_jacfwd(cnn, direction):
     model, v, x = cnn
     res = spectra.model_spectra(model, v, x, direction=direction)
     assert res.layers == ("Conv_0", "Conv_1", "Dense_0", "Dense_1")
-    np.testing.assert_array_equal(res.widths, [108, 36, 12, 5])
-    # forward rows hold min(N_0 .. N_l) values, backward rows min(N_l .. N_L): 36 and 5 wide
-    assert res.log_singular_values.shape == (4, 36 if direction == "forward" else 5)
+    np.testing.assert_array_equal(res.widths, [75, 36, 12, 5])
+    # forward rows hold min(N_0 .. N_l) values, backward rows min(N_l .. N_L): 25 and 5 wide
+    assert res.log_singular_values.shape == (4, 25 if direction == "forward" else 5)
     _assert_rows(res, _reference(_cnn_maps, v, x, direction))
 
 
@@ -129,13 +129,14 @@ def test_changing_widths_rank_bounds_and_chosen_layers():
         np.isneginf(fwd.log_singular_values[1, 6:]).all()
         and np.isneginf(fwd.log_singular_values[2, 3:]).all()
     )
-    _assert_rows(fwd, _reference(maps, v, x, "forward"))
+    ref = _reference(maps, v, x, "forward")
+    _assert_rows(fwd, ref)
     # cut at chosen layers only: the product is the same, the rows are the chosen ones
     some = spectra.model_spectra(model, v, x, layers=["fc1", "out"])
     assert some.layers == ("fc1", "out")
-    _assert_rows(some, _reference(maps, v, x, "forward")[1:])
+    _assert_rows(some, ref[1:])
     # a cut that leaves code after it adds the remainder as the layer "output"
-    assert chain(model, v, x, layers=["fc0"]).layers == ("fc0", "output")
+    assert chain(model, v, x, layers=["fc0"], check=False).layers == ("fc0", "output")
 
 
 def residual_fn(params, x):
@@ -259,8 +260,8 @@ def test_bad_input_is_named(cnn):
         spectra.model_spectra(model, nan, x)
     with pytest.raises(ValueError, match="topk.*use method='exact'"):
         spectra.model_spectra(model, v, x, method="topk", k=2)
-    with pytest.raises(ValueError, match=r"k must be an integer in 1..36"):
-        spectra.model_spectra(model, v, x, k=37)
+    with pytest.raises(ValueError, match=r"k must be an integer in 1..25"):
+        spectra.model_spectra(model, v, x, k=26)
 
 
 def test_nnx_module_with_cut_markers():

@@ -302,7 +302,8 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
     cfg = TrainConfig(diagnostics_every=1, optim=OptimConfig("sgd", lr))
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, run_keys(0)[0], x)
-    _, m = jax.jit(make_train_step(model, tx, cfg))(state, (x, y))
+    step = jax.jit(make_train_step(model, tx, cfg))
+    _, m = step(state, (x, y))
     lay = train_layout(model, {"params": state.params}, x)
     assert lay.names == lay.layer_names == ["conv1", "conv2", "head"]
     # no known activation: its statistics are omitted with a reason, not NaN
@@ -331,7 +332,8 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
     np.testing.assert_allclose(m["state_grad_norm"], [float(stable_norm(e)) for e in g_states], rtol=1e-5)
     # a NaN planted in conv2 is located there, by name
     bad = {**p, "conv2": {**p["conv2"], "kernel": p["conv2"]["kernel"].at[0, 0, 0].set(jnp.nan)}}
-    _, mb = jax.jit(make_train_step(model, tx, cfg))(state._replace(params=bad), (x, y))
+    _, mb = step(state._replace(params=bad), (x, y))
+    assert step._cache_size() == 1
     assert (
         lay.names[int(mb["nonfinite_layer"])] == "conv2"
         and NONFINITE_KINDS[int(mb["nonfinite_kind"])] == "param"

@@ -144,13 +144,16 @@ def _walk_piece(step, shared, params, points, c, s, record, *, transpose, tol, w
         c, s = carry
         p, h, rec = xs
         q, c, s = _jacobi.precondition(_apply_rows(step, shared, p, h, c, transpose), s)
-        c, s, logs = lax.cond(rec, readout, skip, c, s)  # a real branch: the mask is never batched
+        if record is None:  # every layer wanted: no branch to compile
+            c, s, logs = readout(c, s)
+        else:  # a real branch even under vmap: the mask is never batched
+            c, s, logs = lax.cond(rec, readout, skip, c, s)
         return (c @ q.T, s), logs
 
     depth = points.shape[0]
     if depth == 1:
         p = None if params is None else jax.tree.map(lambda a: a[0], params)
-        carry, logs = body((c, s), (p, points[0], record[0]))
+        carry, logs = body((c, s), (p, points[0], None if record is None else record[0]))
         return carry, logs[None]
     return lax.scan(body, (c, s), (params, points, record))
 
@@ -163,7 +166,8 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     """Log singular values of the chain's products, (L, W): row l - 1 is J_l or G_l, -inf padded.
 
     steps: static ((step, depth), ...) per segment; shared, params: their traced parts.
-    record: (L,) bool, the layers whose spectrum is wanted (other rows NaN). Only the layers the
+    record: (L,) bool, the layers whose spectrum is wanted (other rows NaN), or None for all
+    (no branch compiled: `log_singular_values`). Only the layers the
     wanted products contain are walked: forward layers 1 .. hi (J_hi the deepest wanted),
     backward layers L .. lo + 1 (G_lo the shallowest wanted; A_1 only ever feeds G_0).
     """
@@ -195,7 +199,7 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
         width = int(bounds[1:].max())
         c, s, rows = jnp.eye(sizes[0], dtype=dtype), jnp.zeros(sizes[0], dtype), []
         for step, sh, p, pts, a, b, g in pieces:
-            rec = record[g : g + b - a]  # walking A_{j+1} (0-based j) gives row j: J_{j+1}
+            rec = None if record is None else record[g : g + b - a]  # walking A_{j+1} gives row J_{j+1}
             (c, s), logs = _walk_piece(
                 step, sh, _slice(p, a, b), pts[a:b], c, s, rec, transpose=False, tol=tol, width=width
             )
@@ -206,7 +210,7 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     width = sizes[L]
     c, s, rows = jnp.eye(sizes[L], dtype=dtype), jnp.zeros(sizes[L], dtype), []
     for step, sh, p, pts, a, b, g in reversed(pieces):
-        rec = record[g - 1 : g - 1 + b - a][::-1]
+        rec = None if record is None else record[g - 1 : g - 1 + b - a][::-1]
         (c, s), logs = _walk_piece(
             step,
             sh,
@@ -220,7 +224,11 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
             width=width,
         )
         rows.append(logs[::-1])
-    top = jnp.where(record[L - 1], jnp.zeros(width, dtype), jnp.nan)  # G_L = I
+    top = (
+        jnp.zeros(width, dtype)
+        if record is None
+        else jnp.where(record[L - 1], jnp.zeros(width, dtype), jnp.nan)
+    )
     unwanted = jnp.full((lo - 1, width), jnp.nan, dtype)
     return jnp.concatenate([unwanted, *reversed(rows), top[None]])
 
@@ -245,8 +253,7 @@ def log_singular_values(
     """
     depth = jax.tree_util.tree_leaves(params)[0].shape[0]
     steps, shared, ps = ((_Unshared(step), depth),), (None,), (params,)
-    record = jnp.ones(depth, bool)
-    return _exact(steps, shared, ps, jnp.asarray(h0), record, direction=direction, tol=tol)
+    return _exact(steps, shared, ps, jnp.asarray(h0), None, direction=direction, tol=tol)
 
 
 def jacobian_spectra(
