@@ -360,7 +360,7 @@ def layer_grad_norms(
     """Per-layer gradient norms ||dL/dtheta_l|| of the task loss on (x, y), evaluation mode.
 
     Args:
-      model: an `MLPStack`-shaped model (params "embed", "blocks", "head").
+      model: a gradflow stack or any model `gradflow.nn.chain` can cut.
       params: its parameters.
       x: a batch of inputs (B, D); y: its labels (B,) or targets.
       task: "classification" or "regression" (`gradflow.train.task_loss`).
@@ -373,8 +373,7 @@ def layer_grad_norms(
         return task_loss(model.apply({"params": p}, jnp.asarray(x)), jnp.asarray(y), task)[0]
 
     grads = jax.grad(loss)(params)
-    blocks = dg.layer_norms(dg.layout(model, {"params": params}, x), grads)
-    return jnp.concatenate([dg.tree_norm(grads["embed"])[None], blocks, dg.tree_norm(grads["head"])[None]])
+    return dg.entry_norms(dg.layout(model, {"params": params}, x), grads)
 
 
 def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> tuple[TrainState, dict]:

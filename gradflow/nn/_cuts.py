@@ -59,6 +59,7 @@ class _Events:
         self.substitute = substitute
         self.add = add  # perturbations added to the wanted events' outputs, in order
         self.seen: list[tuple[str, str, Any]] = []  # (kind, name, value) in completion order
+        self.returned: set[str] = set()  # a probe: the events whose value the model returns
         self._counts: dict[str, int] = {}
 
     def name(self, base: str) -> str:
@@ -206,6 +207,8 @@ def _probe(target: Any, variables: Any, x: jax.Array, options: tuple) -> tuple[_
 
     def forward(variables, x):
         out = _run(target, variables, x, options, events)
+        # the cuts whose output the model returns as it is (no code after them)
+        events.returned = {name for _, name, v in events.seen if v is out}
         return out, [v for _, _, v in events.seen]
 
     try:
@@ -272,21 +275,3 @@ def _param_path(target: Any, name: str, params: Any) -> tuple[str, ...] | None:
             return None
         tree = tree[key]
     return path
-
-
-def _same_output(model, variables, x, options, cuts) -> bool:
-    """True iff the model returns the last cut's output itself (no code after the last cut)."""
-
-    def forward(variables, x):
-        events = _Events(cuts)
-        out = _run(model, variables, x, options, events)
-        return out is events.seen[-1][2]
-
-    flag = []
-
-    def traced(variables, x):
-        flag.append(forward(variables, x))
-        return 0.0
-
-    jax.eval_shape(traced, variables, x)
-    return bool(flag[0])

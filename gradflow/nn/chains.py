@@ -62,7 +62,6 @@ from gradflow.nn._cuts import (
     _options,
     _param_path,
     _probe,
-    _same_output,
     _select,
 )
 from gradflow.nn._cuts import call_order as call_order
@@ -241,7 +240,7 @@ def chain(
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ValueError(f"{what} returns {type(out).__name__}, not an array")
     names = list(cuts)
-    if not _same_output(model, variables, x, options, cuts):
+    if cuts[-1] not in events.returned:  # the model computes more after the last cut
         names.append("output")
     params = variables.get("params", {}) if isinstance(variables, dict) else {}
     segments = tuple(

@@ -35,6 +35,11 @@ from gradflow.nn.chains import Chain, Segment
 from gradflow.nn.layers import PReLU, RReLU
 
 NORMS = (None, "batch", "layer")
+# What a block exposes to the trainer (gradflow.train.diagnostics): its activation's input,
+# sown to "intermediates" and perturbed in "perturbations" under PREACT, and its output,
+# perturbed under STATE (dL/dh_l).
+PREACT = "preact"
+STATE = "state"
 RESIDUALS = (None, "plain", "rezero", "skipinit", "fixup")
 _MODULE_ACTIVATIONS = ("prelu", "rrelu")
 
@@ -73,8 +78,8 @@ class Block(nn.Module):
         # is passed to `apply` (a no-op otherwise; skipped at init so `init` never creates it) and
         # `sow` records z when "intermediates" is mutable.
         if not self.is_initializing():
-            z = self.perturb("preact", z)
-        self.sow("intermediates", "preact", z)
+            z = self.perturb(PREACT, z)
+        self.sow("intermediates", PREACT, z)
         if self.activation == "prelu":
             return PReLU(name="prelu")(z)
         if self.activation == "rrelu":
@@ -86,7 +91,7 @@ class Block(nn.Module):
 
     def _out(self, h: jax.Array) -> jax.Array:
         # The block's output h_l, perturbed like the pre-activation: dL/dh_l for the trainer.
-        return h if self.is_initializing() else self.perturb("state", h)
+        return h if self.is_initializing() else self.perturb(STATE, h)
 
     def _norm(self, z: jax.Array) -> jax.Array:
         if self.norm == "batch":

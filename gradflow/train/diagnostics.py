@@ -58,15 +58,13 @@ import jax.numpy as jnp
 from gradflow import activations
 from gradflow.nn.chains import call_order
 from gradflow.nn.chains import chain as make_chain
+from gradflow.nn.mlp import PREACT as PREACT
+from gradflow.nn.mlp import STATE as STATE
 from gradflow.numerics import stable_norm
 
 NONFINITE_KINDS = ("none", "param", "activation", "loss", "gradient", "update")
 SATURATION_THRESHOLD = 0.01
 _MODULE_ACTIVATIONS = ("prelu", "rrelu", "maxout")
-# The protocol by which a block exposes its activation's input (gradflow.nn.mlp.Block): it sows
-# it into "intermediates" and perturbs it in "perturbations" under this name.
-PREACT = "preact"
-STATE = "state"  # and its output, for dL/dh_l
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +222,14 @@ def layer_norms(lay: Layout, params: Any) -> jax.Array:
     for path, _, stacked in lay.layers:
         sub = _at(params, path)
         out.append(stacked_norms(sub) if stacked else tree_norm(sub)[None])
+    return jnp.concatenate(out)
+
+
+def entry_norms(lay: Layout, tree: Any) -> jax.Array:
+    """Per-layer norms in the order of `lay.names` (a stacked entry per slice): (len(lay.names),)."""
+    out = [
+        stacked_norms(tree[key]) if stacked else tree_norm(tree[key])[None] for key, _, stacked in lay.entries
+    ]
     return jnp.concatenate(out)
 
 
