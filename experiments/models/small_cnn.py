@@ -1,7 +1,7 @@
 """A researcher's own models, written with no gradflow in them, for `gradflow spectra/train --user-model`.
 
-    gradflow spectra --user-model experiments/models/small_cnn.py:CNN --input-shape 1 28 28 1
-    gradflow train --user-model experiments/models/small_cnn.py:CNN1D --input-shape 40 1 --train.epochs 3
+gradflow spectra --user-model experiments/models/small_cnn.py:CNN --input-shape 1 28 28 1
+gradflow train --user-model experiments/models/small_cnn.py:CNN1D --input-shape 40 1 --train.epochs 3
 """
 
 import flax.linen as nn
