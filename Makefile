@@ -16,7 +16,7 @@ atlas: $(STAMP)
 	$(BIN)/gradflow atlas --out runs/atlas
 
 demo: $(STAMP)
-	$(BIN)/python -m gradflow.demo --out runs/demo
+	$(BIN)/python experiments/demo.py --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -205,7 +205,7 @@ def run(
         },
         "layer_names": names,
         "pretraining": {
-            "layers": names[:-1],
+            "layers": list(pre.layers),
             "loss_before": _list(pre.loss_before),
             "loss_after": _list(pre.loss_after),
             "input_var": _list(pre.input_var),

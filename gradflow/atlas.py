@@ -440,11 +440,9 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
 
     # ||dL/ds_t|| for every t in one backward pass (zero perturbations of every state).
     c = model.chain(variables, x)
-    hidden = cfg.width
-    head = nn.Dense(1, parent=None)
 
     def loss(s_T):
-        out = head.apply({"params": variables["params"]["head"]}, s_T[..., -hidden:])[..., 0]
+        out = c.readout(s_T)[..., 0]
         return jnp.mean((out - y.reshape(out.shape)) ** 2)
 
     (g,) = c.state_gradients(loss)[1]

@@ -1,33 +1,32 @@
 """Layer-sequential unit-variance (LSUV) initialization (Mishkin & Matas 2016, "All you need is a good init").
 
-Data-dependent: with a batch x,
-  1. pre-initialize every kernel with an orthonormal matrix (Saxe et al. 2014);
-  2. for each layer in order (embed, blocks 1..L, head), measure the variance v of the
-     layer's output on x and rescale its kernel W <- W / sqrt(v) until |v - 1| < tol, at
-     most `max_iters` times per layer. Later layers see the already-rescaled earlier ones:
-     the input of layer l is recomputed from the final layer l - 1.
-Biases are left as they are, so v is not exactly quadratic in the scale; hence the loop.
+Data-dependent, on any model's layer chain (`gradflow.nn.chain`): with a batch x,
+  1. pre-initialize every layer's kernels with orthonormal matrices (Saxe et al. 2014; a conv
+     kernel (..., c_in, c_out) as the (prod(...) c_in, c_out) matrix it multiplies by);
+  2. for each layer in order, measure the variance v of the layer's output on x and rescale its
+     kernels W <- W / sqrt(v) until |v - 1| < tol, at most `max_iters` times per layer. Later
+     layers see the already-rescaled earlier ones: every measurement runs the whole chain.
+Biases are left as they are, so v is not exactly quadratic in the scale; hence the loop. Layers
+without a kernel (pooling, an "output" remainder, a cut marker's stretch) are left alone.
 
-Which variance (`measure`); v is the variance of all B x fan_out entries together, as in
-the paper (one number per layer, not one per unit):
-- "dense" (default): the output of the Dense layer being rescaled, z_l = W_l a + b_l. For a
-  plain block this is the pre-activation (a = h_{l-1}); for a residual block it is the
-  branch W_l phi(h_{l-1}) + b_l, before the ReZero/SkipInit multiplier (which is 0 at
-  init, so the branch is what can be scaled). This is what the paper's reference
-  implementation normalizes (the convolution / inner-product layer's output).
-- "block": the walked state h_l = phi(z_l) of a plain block (`model.chain(...).states()`);
-  for residual blocks identical to "dense" (h_l - h_{l-1} is the branch). For a bounded
-  activation this target is a bad idea: Var(tanh(z)) < 1 for every finite z, and it reaches
-  0.9 only at a pre-activation scale of about 8 (deep in the chaotic phase), after about 16
-  iterations from scale 1; with `max_iters=10` it does not converge (a warning says so).
-The embed and head are plain Dense layers: their output is measured under either measure.
+Which variance (`measure`); v is the variance of all entries of the batch's outputs together,
+as in the paper (one number per layer, not one per unit):
+- "dense" (default): the output of the layer's one kernel-bearing module (a Dense or Conv),
+  which is what the paper's reference implementation normalizes. For a user model cut at its
+  Dense/Conv submodules (the default cuts) this is the layer's output itself. For a gradflow
+  block it is the pre-activation z_l = W_l h_{l-1} + b_l, or, in a residual block, the branch
+  W_l phi(h_{l-1}) + b_l before the ReZero/SkipInit multiplier (0 at init, so the branch is
+  what can be scaled). A layer with several kernels needs "layer" (or finer cuts).
+- "layer": the layer's output h_l (for a gradflow block phi(z_l)); every kernel of the layer is
+  scaled by the same factor, v^(-1/(2m)) per step for m kernels. For a bounded activation this target is a bad idea: Var(tanh(z))
+  < 1 for every finite z, and reaches 0.9 only at a pre-activation scale of about 8 (deep in
+  the chaotic phase), after about 16 iterations from scale 1; with `max_iters=10` it does not
+  converge (a warning says so).
 
-Supported stacks: `gradflow.nn.MLPStack` with norm=None and residual in (None, "plain",
-"rezero", "skipinit"), blocks' kernels at variables["params"]["blocks"]["dense"]["kernel"]
-stacked on axis 0. Not supported, by design: norm="batch"/"layer" (the block is invariant
-to its kernel's scale, so there is nothing for LSUV to set) and residual="fixup" (Fixup is
-itself an initialization: dense2 = 0 makes the branch identically zero, and an orthonormal
-dense2 would undo it).
+`MLPStack` runs as the chain embed, blocks[1..L], head (layers=("embed", "blocks", "head")).
+Not supported, by design: norm="batch"/"layer" (the block is invariant to its kernel's scale, so
+there is nothing for LSUV to set) and residual="fixup" (Fixup is itself an initialization:
+dense2 = 0 makes the branch identically zero, and an orthonormal dense2 would undo it).
 """
 
 from __future__ import annotations
@@ -36,17 +35,22 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
+from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow.nn.mlp import Block, MLPStack
+from gradflow.nn.chains import Segment, kernel_paths, layer_variables, with_layer_variables
+from gradflow.nn.chains import chain as make_chain
+from gradflow.nn.mlp import MLPStack
 
-MEASURES = ("dense", "block")
+MEASURES = ("dense", "layer")
 SUPPORTED_RESIDUALS = (None, "plain", "rezero", "skipinit")
 
 
@@ -55,11 +59,11 @@ class LayerStats:
     """What LSUV did to one layer.
 
     Attributes:
-      name: "embed", "block 1" .. "block L", or "head".
+      name: the chain's layer name ("embed", "blocks[3]", "Conv_0", ...).
       var_init: output variance in the variables passed in.
       var_before: output variance after the orthonormal pre-init, before any rescaling
         (earlier layers already processed).
-      var_after: output variance in the returned variables (a fresh chain).
+      var_after: output variance in the returned variables.
       iterations: rescalings applied (<= max_iters).
       scale: the factor by which the orthonormal kernel was multiplied.
       converged: |var_after - 1| < tol.
@@ -89,145 +93,138 @@ class LSUVReport:
         return all(s.converged for s in self.layers)
 
     def __str__(self) -> str:
+        width = max([9] + [len(s.name) for s in self.layers])
         rows = [f"LSUV (measure={self.measure}, tol={self.tol}, max_iters={self.max_iters})"]
         rows.append(
-            f"{'layer':>9} {'var init':>10} {'var before':>10} {'var after':>10} {'iters':>5} {'scale':>8}"
+            f"{'layer':>{width}} {'var init':>10} {'var before':>10} {'var after':>10} {'iters':>5} {'scale':>8}"
         )
         for s in self.layers:
             rows.append(
-                f"{s.name:>9} {s.var_init:10.3g} {s.var_before:10.3g} {s.var_after:10.4f} "
+                f"{s.name:>{width}} {s.var_init:10.3g} {s.var_before:10.3g} {s.var_after:10.4f} "
                 f"{s.iterations:5d} {s.scale:8.4g}{'' if s.converged else '  (not converged)'}"
             )
         return "\n".join(rows)
 
 
 def _check(model: Any, variables: Any, x: ArrayLike, tol: float, max_iters: int, measure: str) -> jax.Array:
-    if not isinstance(model, MLPStack):
-        raise ValueError(f"lsuv supports gradflow.nn.MLPStack, got {type(model).__name__}")
-    if model.norm is not None:
-        raise ValueError(
-            f"lsuv needs norm=None, got norm={model.norm!r}: a normalized block is invariant to its kernel's scale"
-        )
-    if model.residual not in SUPPORTED_RESIDUALS:
-        raise ValueError(
-            f"lsuv supports residual in {SUPPORTED_RESIDUALS}, got {model.residual!r} "
-            "(Fixup is an initialization of its own)"
-        )
+    if isinstance(model, MLPStack):
+        if model.norm is not None:
+            raise ValueError(
+                f"lsuv needs norm=None, got norm={model.norm!r}: a normalized block is invariant to its kernel's scale"
+            )
+        if model.residual not in SUPPORTED_RESIDUALS:
+            raise ValueError(
+                f"lsuv supports residual in {SUPPORTED_RESIDUALS}, got {model.residual!r} "
+                "(Fixup is an initialization of its own)"
+            )
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r} is not one of {MEASURES}")
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be positive and finite, got {tol}")
-    if not isinstance(max_iters, int) or max_iters < 0:
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 0:
         raise ValueError(f"max_iters must be an integer >= 0, got {max_iters!r}")
-    try:
-        kernel = variables["params"]["blocks"]["dense"]["kernel"]
-        d_in = variables["params"]["embed"]["kernel"].shape[0]
-    except (KeyError, TypeError):
-        raise ValueError(
-            "variables must hold params/embed/kernel and params/blocks/dense/kernel (an MLPStack's init)"
-        ) from None
-    if kernel.ndim != 3 or kernel.shape[0] != model.depth:
-        raise ValueError(
-            f"blocks' dense kernel must have shape ({model.depth}, fan_in, fan_out), got {kernel.shape}"
-        )
     x = jnp.asarray(x)
-    if x.ndim != 2 or x.shape[1] != d_in:
+    if x.ndim < 2 or x.shape[0] < 2:
         raise ValueError(
-            f"x must be a batch of shape (B, {d_in}) (the embed's input dimension), got {x.shape}"
+            f"x must be a batch of at least 2 examples (batch axis first) to estimate a variance, got shape {x.shape}"
         )
-    if x.shape[0] < 2:
-        raise ValueError(f"x must hold at least 2 examples to estimate a variance, got {x.shape[0]}")
+    try:
+        jax.eval_shape(model.apply, variables, x)
+    except (TypeError, ValueError, flax_errors.FlaxError) as e:
+        raise ValueError(f"x of shape {x.shape} does not fit the model ({type(e).__name__}: {e})") from None
     return x
 
 
 def _orthonormal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Haar orthonormal matrices of shape (..., fan_in, fan_out): orthonormal columns if
-    fan_in >= fan_out, else orthonormal rows (as `jax.nn.initializers.orthogonal`).
+    """A Haar orthonormal matrix reshaped to `shape`: the kernel (..., fan_out) as the matrix
+    (prod(...), fan_out), with orthonormal columns if it is tall, else orthonormal rows (as
+    `jax.nn.initializers.orthogonal`).
 
     Written by hand only to stay on the host: jax's QR and sampler cost seconds of XLA
     compile on CPU for every new shape, numpy's nothing.
     """
-    *batch, n_in, n_out = shape
-    q, r = np.linalg.qr(rng.standard_normal((*batch, max(n_in, n_out), min(n_in, n_out))))
-    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]  # Haar measure (Mezzadri 2007)
-    return np.swapaxes(q, -1, -2) if n_in < n_out else q
+    n_in, n_out = math.prod(shape[:-1]), shape[-1]
+    q, r = np.linalg.qr(rng.standard_normal((max(n_in, n_out), min(n_in, n_out))))
+    q = q * np.sign(np.diagonal(r))[None, :]  # Haar measure (Mezzadri 2007)
+    return (q.T if n_in < n_out else q).reshape(shape)
 
 
-def _with(params: dict, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of the nested dict `params` with params[path] = value."""
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: Any, path: tuple[str, ...], value: Any) -> Any:
     head, *rest = path
-    return {**params, head: _with(params[head], tuple(rest), value) if rest else value}
+    return {**tree, head: _put(tree[head], tuple(rest), value) if rest else value}
 
 
-class _Compiled(NamedTuple):
-    variances: Callable  # (variables, x) -> per-layer output variances (embed, blocks, [head])
-    embed_var: Callable  # (variables, embed kernel, x) -> Var(h0)
-    block: Callable  # (layer variables, h_{l-1}) -> (h_l, measured output)
-    head_var: Callable  # (variables, head kernel, x, h_L) -> Var(head output)
+@functools.partial(jax.jit, static_argnames=("model", "layers", "owners"))
+def _variances(
+    model: Any, variables: Any, x: jax.Array, layers: tuple[str, ...] | None, owners: tuple
+) -> jax.Array:
+    """The measured output variance of every layer of the chain (one compiled program per model).
 
+    owners[s]: None to measure segment s's layer outputs, or the module path (as seen inside
+    the segment's step) whose output is measured instead.
+    """
+    c = make_chain(model, variables, x, layers=layers, check=False)
+    h, out = c.h0, []
+    for seg, owner in zip(c.segments, owners, strict=True):
 
-@functools.lru_cache(maxsize=16)
-def _compiled(model: MLPStack, measure: str, include_head: bool) -> _Compiled:
-    """The jitted pieces of `lsuv` for one model, cached so repeated calls do not recompile."""
-    block = Block(**model.block_fields(train=False, noise=False, dropout_rate=0.0), parent=None)
+        def layer(h, p, seg=seg, owner=owner):
+            if owner is None:
+                h = seg.step(seg.shared, p, h)
+                return h, jnp.var(h)
+            seen = []
 
-    def block_fn(v_l, h):
-        h_next, state = block.apply(
-            v_l,
-            h,
-            capture_intermediates=lambda mdl, method: mdl.name == "dense" and method == "__call__",
-            mutable=["intermediates"],
-        )
-        h_next = h_next[0]
-        if measure == "block" and model.residual is None:
-            return h_next, h_next
-        return h_next, state["intermediates"]["dense"]["__call__"][0]
+            def record(next_fun, args, kwargs, context):
+                y = next_fun(*args, **kwargs)
+                if context.method_name == "__call__" and tuple(context.module.path) == owner:
+                    seen.append(y)
+                return y
 
-    def variances(variables, x):
-        c = model.chain(variables, x)
-        (hs,) = c.states()
-        inputs = jnp.concatenate([c.h0[None], hs[:-1]], axis=0)  # h_0 .. h_{L-1}
-        _, outs = jax.vmap(block_fn)(c.segments[0].params, inputs)
-        out = [jnp.var(c.h0)[None], jnp.var(outs.reshape(outs.shape[0], -1), axis=1)]
-        if include_head:
-            out.append(jnp.var(c.readout(hs[-1]))[None])
-        return jnp.concatenate(out)
+            with nn.intercept_methods(record):
+                h = seg.step(seg.shared, p, h)
+            return h, jnp.var(seen[-1])
 
-    def embed_var(variables, k, x):
-        params = _with(variables["params"], ("embed", "kernel"), k)
-        return jnp.var(model.chain({**variables, "params": params}, x).h0)
-
-    def head_var(variables, k, x, h):
-        params = _with(variables["params"], ("head", "kernel"), k)
-        return jnp.var(model.chain({**variables, "params": params}, x).readout(h))
-
-    return _Compiled(jax.jit(variances), jax.jit(embed_var), jax.jit(block_fn), jax.jit(head_var))
+        if seg.depth == 1:
+            h, v = layer(h, seg.layer_params(0))
+            out.append(v[None])
+        else:
+            h, v = lax.scan(layer, h, seg.params)
+            out.append(v)
+    return jnp.concatenate(out)
 
 
 def lsuv(
-    model: MLPStack,
+    model: Any,
     variables: Any,
     x: ArrayLike,
     *,
+    layers: Sequence[str] | None = None,
     tol: float = 0.1,
     max_iters: int = 10,
     key: jax.Array | None = None,
     measure: str = "dense",
-    include_head: bool = True,
     orthonormal: bool = True,
 ) -> tuple[Any, LSUVReport]:
-    """LSUV initialization of an `MLPStack` (Mishkin & Matas 2016); see the module docstring.
+    """LSUV initialization of any model's layers (Mishkin & Matas 2016); see the module docstring.
 
     Args:
-      model: an `MLPStack` with norm=None and residual in (None, "plain", "rezero", "skipinit").
+      model: a gradflow `MLPStack` (norm=None, residual not "fixup") or any model
+        `gradflow.nn.chain` cuts (a linen module; its kernels are "kernel" params).
       variables: its variables (from `model.init`); not modified.
-      x: a batch of inputs, shape (B, D_in), B >= 2 (the paper uses one minibatch).
+      x: a batch of inputs as the model takes it, batch axis first, at least 2 examples (the
+        paper uses one minibatch).
+      layers: the layers to process, as in `gradflow.nn.chain`. Default: the model's default
+        cuts; for an `MLPStack` ("embed", "blocks", "head") (("embed", "blocks") skips the head).
       tol: stop rescaling a layer once |Var(output) - 1| < tol.
       max_iters: at most this many rescalings per layer (0: orthonormal pre-init only).
       key: for the orthonormal draws; None uses jax.random.key(0).
-      measure: "dense" (the rescaled Dense layer's output: the pre-activation, or the branch
-        of a residual block) or "block" (the state h_l of a plain block).
-      include_head: also pre-init and rescale the head (when the model has one).
+      measure: "dense" (the output of the layer's kernel-bearing module) or "layer" (the
+        layer's output); see the module docstring.
       orthonormal: pre-initialize kernels with orthonormal matrices (the paper's step 1);
         False rescales the given kernels.
 
@@ -237,79 +234,88 @@ def lsuv(
       warning is raised if some layer did not reach tol within max_iters.
 
     Raises:
-      ValueError: unsupported model, malformed variables, x not of shape (B, D_in) with
-        B >= 2, bad tol/max_iters/measure, or a layer whose output variance is 0 or not
-        finite (it cannot be rescaled to 1).
+      ValueError: unsupported model, x that does not fit the model or is not a batch of at
+        least 2, bad tol/max_iters/measure, a layer with several kernels under "dense", or a
+        layer whose output variance is 0 or not finite (it cannot be rescaled to 1).
     """
     x = _check(model, variables, x, tol, max_iters, measure)
-    include_head = include_head and model.num_outputs is not None and "head" in variables["params"]
+    if layers is None and isinstance(model, MLPStack):
+        layers = ("embed", "blocks", "head") if model.num_outputs is not None else ("embed", "blocks")
+    layers = (layers,) if isinstance(layers, str) else (None if layers is None else tuple(layers))
+    c = make_chain(model, variables, x, layers=layers, check=False)
+    todo, owners = [], []  # (index, segment, i, kernel paths) per layer to rescale
+    index = 0
+    for seg in c.segments:
+        own = layer_variables(variables, seg, 0) if seg.param_path is not None else None
+        kernels = kernel_paths(own) if own is not None else []
+        if measure == "dense" and len(kernels) > 1:
+            raise ValueError(
+                f"layer {seg.names[0]!r} has {len(kernels)} kernels ({', '.join('/'.join(k) for k in kernels)}): "
+                "measure='dense' needs one kernel-bearing module per layer; cut at those modules "
+                "(layers=[...]) or use measure='layer'"
+            )
+        sub = kernels[0][:-1] if kernels else ()
+        owners.append(seg.scope + sub if measure == "dense" and sub else None)
+        todo += [(index + i, seg, i, kernels) for i in range(seg.depth) if kernels]
+        index += seg.depth
+    if not todo:
+        raise ValueError(f"{type(model).__name__}'s layers {c.layers} have no kernels for lsuv to rescale")
+    owners = tuple(owners)
+
+    def variances(v: Any) -> np.ndarray:
+        return np.asarray(_variances(model, v, x, layers, owners))
+
     # the orthonormal draws run on the host: a numpy generator seeded by the key's bits
     key = jax.random.key(0) if key is None else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     rng = np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
-    fns = _compiled(model, measure, include_head)
-    var_init = [float(v) for v in fns.variances(variables, x)]
-    params = variables["params"]
-    trace: list[tuple[str, float, int, float]] = []  # name, var_before, iterations, scale
+    var_init = variances(variables)
+    out = variables
+    trace: list[tuple[int, str, float, int, float]] = []  # index, name, var_before, iterations, scale
+    for index, seg, i, kernels in todo:
+        own = layer_variables(out, seg, i)
+        if orthonormal:
+            for path in kernels:
+                k = _get(own, path)
+                own = _put(own, path, jnp.asarray(_orthonormal(rng, k.shape), k.dtype))
+        base = own
 
-    def rescale(name: str, kernel: jax.Array, output_var) -> jax.Array:
-        """The paper's loop for one layer: W <- W / sqrt(v) until |v - 1| < tol."""
+        def scaled(scale: float, out=out, seg: Segment = seg, i: int = i, base=base, kernels=kernels) -> Any:
+            new = base
+            for path in kernels:
+                new = _put(new, path, _get(base, path) * scale)
+            return with_layer_variables(out, seg, i, new)
+
+        # the paper's loop for one layer: W <- W / sqrt(v) until |v - 1| < tol. A layer of m
+        # kernels in series scales its output variance as scale^(2m) (exactly, for homogeneous
+        # activations without biases), so each kernel takes the m-th root of the paper's step;
+        # the full step would overshoot to 1/v and oscillate there.
         scale, iters = 1.0, 0
-        v = v0 = float(output_var(kernel))
+        v = v0 = float(variances(scaled(scale))[index])
         while True:
             if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"lsuv: output variance of {name} is {v}; it cannot be rescaled to 1")
+                raise ValueError(
+                    f"lsuv: output variance of {seg.names[i]} is {v}; it cannot be rescaled to 1"
+                )
             if abs(v - 1.0) < tol or iters >= max_iters:
                 break
-            scale /= math.sqrt(v)
+            scale /= v ** (0.5 / len(kernels))
             iters += 1
-            v = float(output_var(kernel * scale))
-        trace.append((name, v0, iters, scale))
-        return kernel * scale
+            v = float(variances(scaled(scale))[index])
+        out = scaled(scale)
+        trace.append((index, seg.names[i], v0, iters, scale))
 
-    # embed: h0 = x W + b, measured through the chain
-    embed_k = params["embed"]["kernel"]
-    if orthonormal:
-        embed_k = jnp.asarray(_orthonormal(rng, embed_k.shape), embed_k.dtype)
-
-    embed_k = rescale("embed", embed_k, lambda k: fns.embed_var(variables, k, x))
-    params = _with(params, ("embed", "kernel"), embed_k)
-
-    # blocks, in order; the input of block l is h_{l-1} of the already-rescaled stack
-    c = model.chain({**variables, "params": params}, x)
-    kernels = params["blocks"]["dense"]["kernel"]
-    if orthonormal:
-        kernels = jnp.asarray(_orthonormal(rng, kernels.shape), kernels.dtype)
-    h, new = c.h0, []
-    for l in range(1, model.depth + 1):
-        v_l = c.segments[0].layer_params(l - 1)
-
-        def block_var(k, v_l=v_l, h=h):
-            return jnp.var(fns.block(_with(v_l, ("params", "dense", "kernel"), k), h)[1])
-
-        k_l = rescale(f"block {l}", kernels[l - 1], block_var)
-        new.append(k_l)
-        h = fns.block(_with(v_l, ("params", "dense", "kernel"), k_l), h)[0]
-    params = _with(params, ("blocks", "dense", "kernel"), jnp.stack(new))
-
-    if include_head:
-        head_k = params["head"]["kernel"]
-        if orthonormal:
-            head_k = jnp.asarray(_orthonormal(rng, head_k.shape), head_k.dtype)
-
-        head_k = rescale("head", head_k, lambda k: fns.head_var({**variables, "params": params}, k, x, h))
-        params = _with(params, ("head", "kernel"), head_k)
-
-    out = {**variables, "params": params}
-    var_after = [float(v) for v in fns.variances(out, x)]
-    layers = tuple(
-        LayerStats(name, vi, vb, va, it, sc, abs(va - 1.0) < tol)
-        for (name, vb, it, sc), vi, va in zip(trace, var_init, var_after)
+    var_after = variances(out)
+    stats = tuple(
+        LayerStats(
+            name, float(var_init[j]), vb, float(var_after[j]), it, sc, abs(float(var_after[j]) - 1.0) < tol
+        )
+        for j, name, vb, it, sc in trace
     )
-    report = LSUVReport(layers, tol, max_iters, measure)
+    report = LSUVReport(stats, tol, max_iters, measure)
     if not report.converged:
-        bad = ", ".join(s.name for s in layers if not s.converged)
+        bad = ", ".join(s.name for s in stats if not s.converged)
         warnings.warn(
             f"lsuv: {bad} did not reach |Var - 1| < {tol} within {max_iters} iterations "
             f"(measure={measure!r}); see the report",

@@ -263,13 +263,13 @@ def l1_proximal(l1: float, schedule: Schedule) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _clip(cfg: OptimConfig) -> optax.GradientTransformation:
+def _clip(cfg: OptimConfig, value: ArrayLike) -> optax.GradientTransformation:
     if cfg.clip == "value":
-        return optax.clip(cfg.clip_value)
+        return optax.clip(value)
     if cfg.clip == "global_norm":
-        return optax.clip_by_global_norm(cfg.clip_value)
+        return optax.clip_by_global_norm(value)
     if cfg.clip == "adaptive":
-        return optax.adaptive_grad_clip(cfg.clip_value)
+        return optax.adaptive_grad_clip(value)
     return optax.identity()
 
 
@@ -283,7 +283,9 @@ def _scale_by_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.scale_by_rms(decay=cfg.rms_decay, eps=cfg.eps)
 
 
-def make_optimizer(cfg: OptimConfig, lr: ArrayLike | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, lr: ArrayLike | None = None, clip_value: ArrayLike | None = None
+) -> optax.GradientTransformation:
     """The optax chain described by `cfg` (see the module docstring for order and conventions).
 
     The learning rate enters only through `make_schedule(cfg, lr)`: `scale_by_learning_rate`
@@ -297,11 +299,14 @@ def make_optimizer(cfg: OptimConfig, lr: ArrayLike | None = None) -> optax.Gradi
         jax.vmap(run)(jnp.array([1e-3, 1e-2, 1e-1]))
 
     The optimizer state has the same tree for every lr (unlike `optax.inject_hyperparams`,
-    which would store lr in it), and `cfg` stays a hashable static config.
+    which would store lr in it), and `cfg` stays a hashable static config. `clip_value`
+    overrides `cfg.clip_value` the same way (a clipping-threshold sweep).
 
     Args:
       cfg: the optimizer config.
       lr: peak learning rate overriding `cfg.lr`; may be a tracer.
+      clip_value: clipping threshold overriding `cfg.clip_value` (used when `cfg.clip` is
+        set); may be a tracer.
 
     Returns:
       An `optax.GradientTransformation` (its `update` needs `params` when AGC, a regularizer
@@ -309,7 +314,7 @@ def make_optimizer(cfg: OptimConfig, lr: ArrayLike | None = None) -> optax.Gradi
     """
     schedule = make_schedule(cfg, lr)
     mask = decay_mask_fn(cfg)
-    parts: list[optax.GradientTransformation] = [_clip(cfg)]
+    parts: list[optax.GradientTransformation] = [_clip(cfg, cfg.clip_value if clip_value is None else clip_value)]
     if cfg.l1 > 0 and cfg.l1_mode == "subgradient":
         parts.append(_masked(_add_l1_subgradient(cfg.l1), mask))
     if cfg.l2 > 0:

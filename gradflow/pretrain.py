@@ -23,26 +23,30 @@ slope 1/4), i.e. a per-layer gain sigmoid'(0) * 4 = 1, the critical scale. With 
 decoder, tied or untied, deep sigmoid stacks kept the vanishing profile of Glorot
 initialization in trial runs (see experiments/pretraining.py).
 
-Which layers. `MLPStack` is embed -> blocks 1..L -> head, where embed is a plain linear
-`Dense(width)` (no activation; see `gradflow.nn.mlp`). Layer 0 of the greedy procedure is the
-embed, trained as a *linear* autoencoder of the input x (`PretrainConfig.pretrain_embed`;
-with width >= input dim it can reconstruct x exactly, so it mostly sets a well-conditioned
-projection); layers 1..L are the blocks, each encoder its own dense + activation (the block's
-parameters sliced from the stacked depth axis). The head is the supervised layer and is left
-as given. Rows of the returned loss arrays follow the same order: row 0 = embed, row l =
-block l (the names of `gradflow.train.layout(...).names` without the head).
+Which layers: the model's layer chain (`gradflow.nn.chain`), bottom up, every layer with a
+kernel except the one producing the model's output (the supervised layer, left as given). An
+`MLPStack` runs as the chain embed, blocks[1..L] (layers=("embed", "blocks"); ("blocks",) keeps
+the embed), its head the readout. Its embed is a plain linear `Dense(width)` (no activation),
+trained as a *linear* autoencoder of the input x (with width >= input dim it can reconstruct x
+exactly, so it mostly sets a well-conditioned projection); each block is its own dense +
+activation (the block's parameters sliced from the stacked depth axis). Any linen model cut at
+its Dense layers works the same way; its decoders are linear ("mirror" knows the activation
+only of gradflow's blocks), and a layer whose input or output is not flat (a conv) is decoded
+from and to its flattened state, with tied=False (a tied decoder needs one Dense kernel). Rows
+of the returned loss arrays follow the greedy order (`PretrainResult.layers`).
 
-Compilation: the blocks are pretrained by one `lax.scan` over the depth axis (its carry the
-training-set representation h_{l-1}, its outputs the pretrained slices, which stack back into
-`params["blocks"]`), each layer's optimisation a `lax.scan` over minibatch steps; the whole
-procedure is one jitted call whose compile time does not grow with depth. Minibatches are
-drawn uniformly with replacement; layer l's randomness (decoder init, batches, corruption)
-derives from `fold_in(key(cfg.seed), l)`, so it does not depend on the depth or on `num_layers`.
+Compilation: a scanned run of layers (gradflow's blocks) is pretrained by one `lax.scan` over
+its depth axis (its carry the training-set representation h_{l-1}, its outputs the pretrained
+slices, which stack back where the model keeps them), each layer's optimisation a `lax.scan`
+over minibatch steps; the whole procedure is one jitted call whose compile time does not grow
+with depth. Minibatches are drawn uniformly with replacement; the randomness of greedy layer g
+(decoder init, batches, corruption) derives from `fold_in(key(cfg.seed), g)`, so it does not
+depend on the depth or on `num_layers`.
 
-Supported stacks: `MLPStack` with norm=None and residual=None (plain blocks); dropout is off
-during pretraining (the encoder runs deterministically). Fine-tuning: `finetune` runs the
-ordinary trainer (`gradflow.train.make_train_epoch`) from the given parameters, since
-`gradflow.train.train` always initializes its own.
+Supported: `MLPStack` with norm=None and residual=None (plain blocks), and linen models whose
+layers hold kernels; dropout is off during pretraining (the encoder runs deterministically).
+Fine-tuning: `finetune` runs the ordinary trainer (`gradflow.train.make_train_epoch`) from the
+given parameters, since `gradflow.train.train` always initializes its own.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -60,12 +64,21 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow.nn.mlp import Block, MLPStack
+from gradflow.nn.chains import (
+    Chain,
+    builds_chain,
+    kernel_paths,
+    layer_map,
+    layer_variables,
+    with_layer_variables,
+)
+from gradflow.nn.chains import chain as make_chain
+from gradflow.nn.mlp import MLPStack
 from gradflow.optim import OptimConfig, make_optimizer
 from gradflow.train import diagnostics as dg
+from gradflow.train.loop import train_epochs
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import task_loss
-from gradflow.train.sweep import train_epochs
 
 CORRUPTIONS = ("mask", "gaussian")
 DECODER_ACTIVATIONS = ("mirror", "linear")
@@ -100,10 +113,10 @@ class PretrainConfig:
       tied: decoder kernel = the encoder kernel transposed (plus its own bias), as in
         Vincent et al. (2008); not for "maxout" blocks, whose kernel is (W, pieces * W).
       decoder_activation: "mirror" (the decoder ends in the activation that produced the
-        layer's input: linear for the embed and block 1, whose inputs are x and the linear
-        embed's output, the stack's activation for blocks 2..L; linear for the module
-        activations "prelu", "rrelu", "maxout") or "linear" (always linear).
-      pretrain_embed: pretrain the linear input projection as layer 0 (else it is kept).
+        layer's input: the stack's activation after a gradflow block, so for blocks 2..L;
+        linear elsewhere: the embed and block 1, whose inputs are x and the linear embed's
+        output, any layer of an adapted model, and after the module activations "prelu",
+        "rrelu", "maxout") or "linear" (always linear).
       seed: seed of the decoders' initialization, the minibatches and the corruption.
     """
 
@@ -114,7 +127,6 @@ class PretrainConfig:
     corruption: str = "mask"
     tied: bool = True
     decoder_activation: str = "mirror"
-    pretrain_embed: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,7 +151,6 @@ class PretrainConfig:
                 f"PretrainConfig.decoder_activation must be one of {DECODER_ACTIVATIONS}, "
                 f"got {self.decoder_activation!r}"
             )
-        _check_bool("pretrain_embed", self.pretrain_embed)
         _check_int("seed", self.seed, 0)
 
 
@@ -165,15 +176,17 @@ class LayerFit(NamedTuple):
 
 
 class PretrainResult(NamedTuple):
-    """What `pretrain` returns; loss rows are layers (0 = embed, l = block l), NaN if not pretrained.
+    """What `pretrain` returns; loss rows are the greedy layers in order, NaN if not pretrained.
 
     Attributes:
-      params: the model's parameters with the pretrained embed and blocks written back (the
-        head and any layer not pretrained unchanged); pass them to `finetune`.
-      losses: (L + 1, steps_per_layer) minibatch reconstruction losses.
-      loss_before, loss_after: (L + 1,) full-data reconstruction MSE before and after.
-      input_var: (L + 1,) each layer's input variance (see `LayerFit`), with the pretrained
+      params: the model's parameters with the pretrained layers written back (the
+        supervised layer and any layer not pretrained unchanged); pass them to `finetune`.
+      losses: (G, steps_per_layer) minibatch reconstruction losses (MLPStack: G = L + 1,
+        row 0 the embed, row l block l).
+      loss_before, loss_after: (G,) full-data reconstruction MSE before and after.
+      input_var: (G,) each layer's input variance (see `LayerFit`), with the pretrained
         lower layers.
+      layers: the greedy layers' names (the chain's), one per row.
     """
 
     params: Params
@@ -181,6 +194,7 @@ class PretrainResult(NamedTuple):
     loss_before: jax.Array
     loss_after: jax.Array
     input_var: jax.Array
+    layers: tuple[str, ...] = ()
 
 
 def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
@@ -192,13 +206,17 @@ def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
 
 
 def _kernel(params: Params) -> jax.Array:
-    """The encoder's kernel: a Dense's own, or a block's dense layer's."""
-    return params["kernel"] if "kernel" in params else params["dense"]["kernel"]
+    """The encoder's one kernel (a Dense's own, or a block's dense layer's)."""
+    (path,) = kernel_paths(params)
+    for key in path:
+        params = params[key]
+    return params
 
 
-def _decode(decoder: Params, enc_params: Params, z: jax.Array, tied: bool) -> jax.Array:
+def _decode(decoder: Params, enc_params: Params, z: jax.Array, tied: bool, shape: tuple) -> jax.Array:
+    """psi-less decoder z W' + c on the flattened state, reshaped to the input's shape."""
     kernel = _kernel(enc_params).T if tied else decoder["kernel"]
-    return z @ kernel + decoder["bias"][None, :]
+    return (z.reshape(z.shape[0], -1) @ kernel + decoder["bias"][None, :]).reshape(shape)
 
 
 def _identity(z: jax.Array) -> jax.Array:
@@ -219,7 +237,8 @@ def pretrain_layer(
     Args:
       encode: the layer, `encode(params, h_BxD) -> z_BxW`.
       params: its parameters (the encoder's; only these and the decoder's are trained).
-      h_NxD: the layer's input on the whole training set, shape (N, D), N >= batch_size.
+      h_NxD: the layer's input on the whole training set, shape (N, D) (or (N, ...), decoded
+        flat), N >= batch_size.
       cfg: the pretraining config (`steps_per_layer`, `batch_size`, `optim`, `noise`,
         `corruption`, `tied`; `seed` is not read: the key is given).
       key: typed PRNG key of this layer, split into the decoder's init key and a data key;
@@ -230,8 +249,8 @@ def pretrain_layer(
       A `LayerFit`.
     """
     h = jnp.asarray(h_NxD)
-    n, d = h.shape
-    width = jax.eval_shape(encode, params, h[:1]).shape[-1]
+    n, d = h.shape[0], math.prod(h.shape[1:])
+    width = math.prod(jax.eval_shape(encode, params, h[:1]).shape[1:])
     dec_key, data_key = jax.random.split(key)
     decoder = {"bias": jnp.zeros((d,), h.dtype)}
     if not cfg.tied:
@@ -241,7 +260,7 @@ def pretrain_layer(
 
     def loss_fn(theta, x_in, target):
         z = encode(theta["encoder"], x_in)
-        recon = out_fn(_decode(theta["decoder"], theta["encoder"], z, cfg.tied))
+        recon = out_fn(_decode(theta["decoder"], theta["encoder"], z, cfg.tied, x_in.shape))
         return jnp.mean((recon - target) ** 2)
 
     def step(carry, t):
@@ -265,72 +284,116 @@ def pretrain_layer(
 
 
 def check_supported(model: Any) -> None:
-    """Raise a ValueError unless `model` is an `MLPStack` that `pretrain` handles."""
-    if not isinstance(model, MLPStack):
-        raise ValueError(f"pretrain needs a gradflow.nn.MLPStack, got {type(model).__name__}")
-    if model.norm is not None:
-        raise ValueError(f"pretrain supports plain stacks only: norm must be None, got norm={model.norm!r}")
-    if model.residual is not None:
+    """Raise a ValueError unless `pretrain` handles `model` (a plain `MLPStack` or a linen module)."""
+    if isinstance(model, MLPStack):
+        if model.norm is not None:
+            raise ValueError(
+                f"pretrain supports plain stacks only: norm must be None, got norm={model.norm!r}"
+            )
+        if model.residual is not None:
+            raise ValueError(
+                f"pretrain supports plain stacks only: residual must be None, got residual={model.residual!r}"
+            )
+    elif not isinstance(model, nn.Module) or builds_chain(model):
         raise ValueError(
-            f"pretrain supports plain stacks only: residual must be None, got residual={model.residual!r}"
+            f"pretrain needs an MLPStack or a linen model with Dense layers, got {type(model).__name__}"
         )
 
 
-def _encoders(model: MLPStack) -> tuple[Encoder, Encoder]:
-    embed = nn.Dense(model.width, parent=None)
-    block = Block(**model.block_fields(train=False, noise=False, dropout_rate=0.0), parent=None)
-    return (lambda p, h: embed.apply({"params": p}, h)), (lambda p, h: block.apply({"params": p}, h)[0])
+def _greedy(c: Chain) -> list[tuple[int, int, int]]:
+    """(segment, layer in segment, greedy index) of every layer to pretrain, bottom up."""
+    last = c.depth if c.readout is not None else c.depth - 1  # the supervised layer stays
+    out, index = [], 0
+    for s, seg in enumerate(c.segments):
+        for i in range(seg.depth):
+            if seg.param_path is not None and index < last:
+                out.append((s, i, len(out)))
+            index += 1
+    return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+@functools.partial(jax.jit, static_argnames=("model", "layers", "cfg"))
 def _pretrain(
-    model: MLPStack, params: Params, x: jax.Array, cfg: PretrainConfig, seed: jax.Array, num_layers: jax.Array
+    model: Any,
+    layers: tuple[str, ...] | None,
+    params: Params,
+    x: jax.Array,
+    cfg: PretrainConfig,
+    seed: jax.Array,
+    num_layers: jax.Array,
 ) -> PretrainResult:
     # `cfg` is static with seed=0; the seed and num_layers are traced, so neither recompiles.
     root = jax.random.key(seed)
-    embed_fn, block_fn = _encoders(model)
-    phi = dg.activation_fn(model) if cfg.decoder_activation == "mirror" else None
+    variables = {"params": params}
+    c = make_chain(model, variables, x, layers=layers, check=False)
+    greedy = {(s, i): g for s, i, g in _greedy(c)}
+    stack_phi = dg.activation_fn(model) if builds_chain(model) else None
+    phi = stack_phi if cfg.decoder_activation == "mirror" else None
     nan = jnp.full((), jnp.nan, x.dtype)
     blank = (jnp.full((cfg.steps_per_layer,), jnp.nan, x.dtype), nan, nan, nan)
     curves = lambda fit: (fit.losses, fit.loss_before, fit.loss_after, fit.input_var)  # noqa: E731
 
-    embed_params, embed_row = params["embed"], blank
-    if cfg.pretrain_embed:
-        fit = pretrain_layer(embed_fn, embed_params, x, cfg, jax.random.fold_in(root, 0))
-        embed_params, embed_row = fit.params, curves(fit)
+    def fit_or_keep(encode, own, h, g, out_fn):
+        def fit(own):
+            f = pretrain_layer(encode, own, h, cfg, jax.random.fold_in(root, g), output_fn=out_fn)
+            return f.params, curves(f)
 
-    def layer(h, xs):
-        p, l = xs
-        # mirror: block 1's input is the linear embed's output, block l > 1's is phi(.).
-        out_fn = None if phi is None else (lambda r: jnp.where(l == 1, r, phi(r)))
+        return lax.cond(g < num_layers, fit, lambda own: (own, blank), own)
 
-        def fit_layer(p):
-            fit = pretrain_layer(block_fn, p, h, cfg, jax.random.fold_in(root, l), output_fn=out_fn)
-            return fit.params, curves(fit)
+    h, rows = c.h0, []
+    for s, seg in enumerate(c.segments):
+        if seg.stacked and (s, 0) in greedy:  # a scanned run: pretrain it in one scan over depth
+            first = greedy[(s, 0)]
 
-        p, row = lax.cond(l < num_layers, fit_layer, lambda p: (p, blank), p)
-        # The next layer's input: this layer's output with its pretrained (now frozen) params.
-        return block_fn(p, h), (p, row)
+            def layer(h, xs, seg=seg, first=first):
+                p, i = xs
 
-    h = embed_fn(embed_params, x)
-    _, (blocks, rows) = lax.scan(layer, h, (params["blocks"], jnp.arange(1, model.depth + 1)))
-    losses, before, after, var = (jnp.concatenate([e[None], r]) for e, r in zip(embed_row, rows))
-    new_params = {**params, "embed": embed_params, "blocks": blocks}
-    return PretrainResult(new_params, losses, before, after, var)
+                def block_map(own, h, p=p):
+                    return seg.step(seg.shared, {**p, "params": own}, h)
+
+                # mirror: the input of a block after the first is phi(.) of the block before
+                out_fn = None if phi is None else (lambda z, i=i: jnp.where(i > 0, phi(z), z))
+                own, row = fit_or_keep(block_map, p["params"], h, first + i, out_fn)
+                return block_map(own, h), (own, row)
+
+            h, (owns, seg_rows) = lax.scan(layer, h, (seg.params, jnp.arange(seg.depth)))
+            variables = with_layer_variables(variables, seg, None, owns)
+            rows += [tuple(r[i] for r in seg_rows) for i in range(seg.depth)]
+            continue
+        for i in range(seg.depth):
+            if (s, i) not in greedy:
+                h = seg.step(seg.shared, seg.layer_params(i), h)
+                continue
+            encode = layer_map(variables, seg, i)
+            own, row = fit_or_keep(encode, layer_variables(variables, seg, i), h, greedy[(s, i)], None)
+            variables = with_layer_variables(variables, seg, i, own)
+            rows.append(row)
+            h = encode(own, h)
+    losses, before, after, var = (jnp.stack(r) for r in zip(*rows))
+    return PretrainResult(variables["params"], losses, before, after, var)
 
 
 def pretrain(
-    model: MLPStack, params: Params, x: ArrayLike, cfg: PretrainConfig, *, num_layers: int | None = None
+    model: Any,
+    params: Params,
+    x: ArrayLike,
+    cfg: PretrainConfig,
+    *,
+    layers: Sequence[str] | None = None,
+    num_layers: int | None = None,
 ) -> PretrainResult:
-    """Greedy layer-wise autoencoder pretraining of `model`'s embed and blocks (module docstring).
+    """Greedy layer-wise autoencoder pretraining of `model`'s layers, bottom up (module docstring).
 
     Args:
-      model: a plain `MLPStack` (norm=None, residual=None).
+      model: a plain `MLPStack` (norm=None, residual=None) or a linen model with Dense layers.
       params: its "params" collection (e.g. `model.init(key, x)["params"]`).
-      x: the training inputs, shape (N, D), N >= cfg.batch_size (labels are not used).
+      x: the training inputs, shape (N, ...) as the model takes them, N >= cfg.batch_size
+        (labels are not used).
       cfg: the pretraining config.
-      num_layers: pretrain only the lowest `num_layers` layers of the greedy order (embed =
-        layer 0, block l = layer l), in [1, depth + 1]; None pretrains all. Higher layers
+      layers: the layers, as in `gradflow.nn.chain` (default: the model's default cuts;
+        `MLPStack`: ("embed", "blocks"); ("blocks",) keeps the embed as given).
+      num_layers: pretrain only the lowest `num_layers` layers of the greedy order (MLPStack:
+        embed = layer 0, block l = layer l), in [1, G]; None pretrains all. Higher layers
         are returned unchanged (bit for bit) and their loss rows are NaN. One compiled
         program serves every `num_layers` and every `cfg.seed`.
 
@@ -338,19 +401,48 @@ def pretrain(
       A `PretrainResult`; its `params` go to `finetune` (or any trainer that takes params).
     """
     check_supported(model)
-    if cfg.tied and model.activation == "maxout":
+    if cfg.tied and isinstance(model, MLPStack) and model.activation == "maxout":
         raise ValueError("PretrainConfig.tied=True needs a square block kernel; activation='maxout' has none")
     x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"pretrain needs inputs x of shape (N, D), got shape {x.shape}")
+    if x.ndim < 2:
+        raise ValueError(f"pretrain needs a batch of inputs x of shape (N, ...), got shape {x.shape}")
     if x.shape[0] < cfg.batch_size:
         raise ValueError(f"PretrainConfig.batch_size={cfg.batch_size} exceeds the {x.shape[0]} examples")
-    total = model.depth + 1
+    if layers is None and isinstance(model, MLPStack):
+        layers = ("embed", "blocks")
+    layers = (layers,) if isinstance(layers, str) else (None if layers is None else tuple(layers))
+    variables = {"params": params}
+    c = make_chain(model, variables, x[: cfg.batch_size], layers=layers, check=False)
+    greedy = _greedy(c)
+    if not greedy:
+        raise ValueError(
+            f"{type(model).__name__} has no layer below its output to pretrain (layers {c.layers})"
+        )
+    for s, i, _ in greedy:
+        seg = c.segments[s]
+        kernels = kernel_paths(layer_variables(variables, seg, i))
+        shapes = [jnp.shape(_at(layer_variables(variables, seg, i), k)) for k in kernels]
+        if len(kernels) != 1 or (cfg.tied and len(shapes[0]) != 2):
+            raise ValueError(
+                f"layer {seg.names[i]!r} has kernels of shapes {shapes}: pretraining needs one kernel per "
+                "layer, and PretrainConfig.tied=True a Dense (2-D) one; cut at the Dense/Conv modules "
+                "or use tied=False"
+            )
+    total = len(greedy)
     num_layers = total if num_layers is None else num_layers
     if not (isinstance(num_layers, int) and 1 <= num_layers <= total):
-        raise ValueError(f"num_layers must be an integer in [1, {total}] (depth + 1), got {num_layers!r}")
+        raise ValueError(
+            f"num_layers must be an integer in [1, {total}] (the greedy layers), got {num_layers!r}"
+        )
     static = dataclasses.replace(cfg, seed=0)
-    return _pretrain(model, params, x, static, jnp.int32(cfg.seed), jnp.int32(num_layers))
+    result = _pretrain(model, layers, params, x, static, jnp.int32(cfg.seed), jnp.int32(num_layers))
+    return result._replace(layers=tuple(c.segments[s].names[i] for s, i, _ in greedy))
+
+
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 @functools.partial(jax.jit, static_argnames=("model", "task"))

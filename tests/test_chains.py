@@ -283,3 +283,41 @@ def test_nnx_module_with_cut_markers():
     np.testing.assert_allclose(
         res.log_singular_values[0], np.log(np.linalg.svd(jac_b, compute_uv=False)), atol=2e-5
     )
+
+
+class _HasChainMethod(nn.Module):
+    """A user's model that happens to define a method named `chain`: it is cut, not asked."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(4)(x))
+        return nn.Dense(3)(h)
+
+    def chain(self, *args):
+        return "not a gradflow chain"
+
+
+def test_stack_parts_recurrent_readout_and_a_users_chain_method():
+    from gradflow.nn import MLPStack, RNNStack
+
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    m = MLPStack(depth=3, width=6, num_outputs=4, activation="tanh")
+    v = m.init(jax.random.key(1), x)
+    full = chain(m, v, x, layers=("embed", "blocks", "head"))
+    assert full.layers == ("embed", "blocks[1]", "blocks[2]", "blocks[3]", "head") and full.readout is None
+    np.testing.assert_allclose(full.final(), m.apply(v, x), rtol=1e-6)  # x -> y, the model itself
+    _, inter = m.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    np.testing.assert_allclose(full.states()[0][0], inter["intermediates"]["embed"]["__call__"][0], rtol=1e-6)
+    blocks = chain(m, v, x)  # the default: the blocks from h0 = embed(x), the head as readout
+    np.testing.assert_allclose(blocks.readout(blocks.final()), m.apply(v, x), rtol=1e-6)
+    with pytest.raises(ValueError, match="in order"):
+        chain(m, v, x, layers=("head", "blocks"))
+    with pytest.raises(ValueError, match="containing"):
+        chain(m, v, x, layers=("embed",))
+    rnn = RNNStack(hidden=4)
+    xs = jax.random.normal(jax.random.key(2), (2, 5, 3))
+    vr = rnn.init(jax.random.key(3), xs)
+    c = chain(rnn, vr, xs)
+    np.testing.assert_allclose(c.readout(c.final()), rnn.apply(vr, xs), rtol=1e-5, atol=1e-6)
+    user = _HasChainMethod()
+    assert chain(user, user.init(jax.random.key(4), x), x).layers == ("Dense_0", "Dense_1")

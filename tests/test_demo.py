@@ -1,9 +1,10 @@
 import json
 
-from gradflow import demo, spectra
+from gradflow import spectra
 
 
-def test_demo_writes_results_and_shows_the_classic_picture(tmp_path):
+def test_demo_writes_results_and_shows_the_classic_picture(tmp_path, load_experiment):
+    demo = load_experiment("demo")
     demo.main(["--out", str(tmp_path), "--depth", "12", "--width", "16"])
     r = json.loads((tmp_path / "results.json").read_text())["configs"]
     for name in demo.CONFIGS:

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from gradflow import initializers
@@ -51,7 +52,7 @@ def test_vanishing_tanh_stack_reaches_unit_variance_at_every_layer(vanishing, re
     assert np.all(np.abs(after - 1) < 0.1), after
     assert abs(float(jnp.var(model.chain(v, x).h0)) - 1) < 0.1  # embed
     assert report.converged and [s.name for s in report.layers] == ["embed"] + [
-        f"block {l}" for l in range(1, L + 1)
+        f"blocks[{l}]" for l in range(1, L + 1)
     ] + ["head"]
     np.testing.assert_allclose([s.var_after for s in report.layers[1:-1]], after, rtol=1e-4)
     np.testing.assert_allclose([s.var_init for s in report.layers[1:-1]], before, rtol=1e-3)
@@ -87,9 +88,9 @@ def test_iteration_cap_is_respected(vanishing, x):
     np.testing.assert_allclose(
         np.asarray(jnp.einsum("lio,lip->lop", k, k)), np.broadcast_to(np.eye(W), (L, W, W)), atol=1e-5
     )
-    # "block" on tanh: Var(tanh z) < 1 needs ~16 rescalings to pass 0.9, so the cap binds
+    # "layer" on tanh: Var(tanh z) < 1 needs ~16 rescalings to pass 0.9, so the cap binds
     with pytest.warns(UserWarning, match="did not reach"):
-        _, report = lsuv(model, v0, x, measure="block", max_iters=3)
+        _, report = lsuv(model, v0, x, measure="layer", max_iters=3)
     blocks = report.layers[1:-1]
     assert all(s.iterations == 3 and not s.converged for s in blocks)
     assert all(s.var_after < 0.9 for s in blocks)
@@ -102,8 +103,8 @@ def test_residual_branch_and_rezero_alpha_kept(vanishing, x):
     assert jax.tree_util.tree_structure(v0) == jax.tree_util.tree_structure(
         jax.eval_shape(model.init, jax.random.key(0), x)
     )
-    v, report = lsuv(model, v0, x, include_head=False)
-    assert report.converged and [s.name for s in report.layers][-1] == f"block {L}"
+    v, report = lsuv(model, v0, x, layers=("embed", "blocks"))
+    assert report.converged and [s.name for s in report.layers][-1] == f"blocks[{L}]"
     np.testing.assert_array_equal(v["params"]["blocks"]["alpha"], 0.0)  # ReZero: still the identity
     np.testing.assert_array_equal(v["params"]["head"]["kernel"], v0["params"]["head"]["kernel"])
     # the branch W relu(h) + b has unit variance at every block (oracle by hand)
@@ -116,7 +117,7 @@ def test_residual_branch_and_rezero_alpha_kept(vanishing, x):
 
 def test_bad_input_raises_value_error(vanishing, x):
     model, v = vanishing
-    with pytest.raises(ValueError, match=r"shape \(B, 16\)"):
+    with pytest.raises(ValueError, match=r"shape \(256, 17\) does not fit"):
         lsuv(model, v, jnp.ones((B, D + 1)))
     with pytest.raises(ValueError, match="at least 2"):
         lsuv(model, v, jnp.ones((1, D)))
@@ -130,3 +131,50 @@ def test_bad_input_raises_value_error(vanishing, x):
         lsuv(MLPStack(depth=2, width=4, residual="fixup"), v, x)
     with pytest.raises(ValueError, match="cannot be rescaled"):  # all-zero input: zero variance
         lsuv(model, jax.tree_util.tree_map(jnp.zeros_like, v), jnp.zeros((B, D)))
+
+
+class _CNN(nn.Module):
+    """A user's linen CNN (widths and shapes change from layer to layer)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3), kernel_init=initializers.gaussian(0.2))(x))
+        h = nn.relu(nn.Conv(6, (3, 3), strides=2, kernel_init=initializers.gaussian(0.2))(h))
+        return nn.Dense(5, kernel_init=initializers.gaussian(0.2))(h.reshape(h.shape[0], -1))
+
+
+class _TwoConvBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(3, (3, 3))(nn.relu(nn.Conv(3, (3, 3))(x)))
+
+
+class _Blocks(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _TwoConvBlock()(x).mean(axis=(1, 2))
+
+
+def test_a_users_cnn_gets_unit_variance_at_every_conv_and_dense():
+    model, x = _CNN(), jax.random.normal(jax.random.key(2), (64, 8, 8, 1))
+    v0 = model.init(jax.random.key(0), x)
+    v, report = lsuv(model, v0, x, key=jax.random.key(1))
+    # the oracle: every submodule's output recorded by flax itself, not through the chain
+    _, inter = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    outs = {k: jnp.var(inter["intermediates"][k]["__call__"][0]) for k in ("Conv_0", "Conv_1", "Dense_0")}
+    assert [s.name for s in report.layers] == ["Conv_0", "Conv_1", "Dense_0"] and report.converged
+    assert all(abs(float(o) - 1) < 0.1 for o in outs.values()), outs
+    assert report.layers[0].var_init < 0.2  # the init really was too small
+    # each kernel is a scaled orthonormal matrix, a conv kernel as the (9 c_in, c_out) matrix it applies
+    for name, s in zip(outs, report.layers):
+        k = np.asarray(v["params"][name]["kernel"], np.float64)
+        k = k.reshape(-1, k.shape[-1])
+        gram = k.T @ k if k.shape[0] >= k.shape[1] else k @ k.T
+        np.testing.assert_allclose(gram / s.scale**2, np.eye(len(gram)), atol=1e-5)
+    # a layer holding two convs cannot be measured at "its" conv; "layer" scales both
+    blocks = _Blocks()
+    vb = blocks.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="2 kernels"):
+        lsuv(blocks, vb, x, layers=["_TwoConvBlock_0"])
+    _, report = lsuv(blocks, vb, x, layers=["_TwoConvBlock_0"], measure="layer")
+    assert report.layers[0].name == "_TwoConvBlock_0" and report.converged

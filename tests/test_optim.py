@@ -427,3 +427,27 @@ def test_vmap_over_learning_rates_matches_separate_runs(key):
     for i, lr in enumerate(lrs.tolist()):
         alone, _ = _run(make_optimizer(dataclasses.replace(cfg, lr=lr)), params, grads_seq)
         _assert_close(jax.tree.map(lambda x, i=i: x[i], swept), alone)
+
+
+def test_vmap_over_clip_thresholds_inside_skip_nonfinite(key):
+    # one builder: a traced clip_value clips exactly like the config's own threshold, and stays
+    # inside apply_if_finite (a NaN gradient is skipped, not clipped into the parameters)
+    cfg = OptimConfig("sgd", 1.0, clip="global_norm", clip_value=1.0, skip_nonfinite=True)
+    params = _params(key)
+    g = _grads(jax.random.key(1), params, scale=100.0)
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g)
+    values = jnp.array([0.5, 2.5])
+
+    def step(v, grads):
+        tx = make_optimizer(cfg, clip_value=v)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    swept = jax.jit(jax.vmap(step, in_axes=(0, None)))(values, g)
+    for i, v in enumerate(values.tolist()):
+        tx = make_optimizer(dataclasses.replace(cfg, clip_value=v))
+        _assert_close(jax.tree.map(lambda x, i=i: x[i], swept), tx.update(g, tx.init(params), params)[0])
+        np.testing.assert_allclose(
+            float(optax.tree.norm(jax.tree.map(lambda x, i=i: x[i], swept))), v, rtol=1e-5
+        )
+    skipped = jax.jit(step)(values[0], bad)
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(skipped))

@@ -1,5 +1,6 @@
 """Greedy layer-wise autoencoder pretraining (gradflow.pretrain) and its experiment at test size."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -115,7 +116,6 @@ def test_pretrained_block_written_back_at_its_depth_index(setup):
         ("corruption", "dropout"),
         ("tied", 1),
         ("decoder_activation", "sigmoid"),
-        ("pretrain_embed", None),
         ("seed", -1),
     ],
 )
@@ -142,7 +142,7 @@ def test_unsupported_models_and_arguments_raise(setup):
     with pytest.raises(ValueError, match="tied"):
         pretrain(MLPStack(depth=2, width=8, activation="maxout"), {}, x, CFG)
     with pytest.raises(ValueError, match="MLPStack"):
-        pretrain(nn.Dense(3), {}, x, CFG)
+        pretrain(lambda p, x: x, {}, x, CFG)
 
 
 def test_experiment_pretraining_rescues_the_deep_sigmoid_stack(tmp_path, cache_dir):
@@ -166,3 +166,53 @@ def test_experiment_pretraining_rescues_the_deep_sigmoid_stack(tmp_path, cache_d
     assert result["test_accuracy_gain"] > 0.1
     # 3. every block's autoencoder explains most of its input's variance
     assert result["pretraining"]["max_fvu_blocks"] < 0.2
+
+
+class _UserMLP(nn.Module):
+    """A researcher's own linen MLP with changing widths (no gradflow stack)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Dense(12)(x))
+        h = nn.tanh(nn.Dense(8)(h))
+        return nn.Dense(3)(h)
+
+
+def test_a_users_linen_mlp_is_pretrained_layer_by_layer(setup):
+    _, x, _, _ = setup
+    model = _UserMLP()
+    params = model.init(jax.random.key(0), x[:2])["params"]
+    cfg = PretrainConfig(steps_per_layer=20, batch_size=BATCH, tied=False, seed=5)
+    res = jax.device_get(pretrain(model, params, x, cfg))
+    assert res.layers == ("Dense_0", "Dense_1") and res.losses.shape == (2, 20)
+    assert _bits_equal(res.params["Dense_2"], params["Dense_2"])  # the supervised layer stays
+    # the oracle, written without the chain: layer 2 reconstructs Dense_0's output (the cut is
+    # the module's output; the tanh after it belongs to the next layer's map)
+    d0, d1 = nn.Dense(12, parent=None), nn.Dense(8, parent=None)
+    key = jax.random.key(cfg.seed)
+    fit0 = pretrain_layer(
+        lambda p, h: d0.apply({"params": p}, h), params["Dense_0"], x, cfg, jax.random.fold_in(key, 0)
+    )
+    h1 = d0.apply({"params": fit0.params}, x)
+    fit1 = pretrain_layer(
+        lambda p, h: d1.apply({"params": p}, jnp.tanh(h)),
+        params["Dense_1"],
+        h1,
+        cfg,
+        jax.random.fold_in(key, 1),
+    )
+    for name, fit in (("Dense_0", fit0), ("Dense_1", fit1)):
+        np.testing.assert_allclose(res.params[name]["kernel"], fit.params["kernel"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.losses[1], fit1.losses, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 2\]"):
+        pretrain(model, params, x, cfg, num_layers=3)
+    conv = _UserCNN()  # checked on the host before anything compiles
+    with pytest.raises(ValueError, match="tied=True a Dense"):
+        pretrain(conv, conv.init(jax.random.key(0), x[:2, :, None])["params"], x[..., None], CFG)
+
+
+class _UserCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(2, (3,))(x))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))

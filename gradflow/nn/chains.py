@@ -16,8 +16,9 @@ and `params_l` are traced pytrees.
 
 Where chains come from (`chain(model, variables, x, layers=...)`):
 - gradflow's stacks (`MLPStack`, `RNNStack`, `LSTMStack`, `GRUStack`) build their own: the
-  repeated part as one scanned segment (MLP: the blocks, h_0 = embed(x), `readout` = the head;
-  recurrent: the transition through time on the flat carry, fed x_t).
+  repeated part as one scanned segment (MLP: the blocks, h_0 = embed(x), `readout` = the head,
+  or with layers=("embed", "blocks", "head") the whole model from x to y; recurrent: the
+  transition through time on the flat carry, fed x_t).
 - any `flax.linen.Module`: by default the layers are the outputs of its top-level submodules'
   `__call__`, in call order (`nn.intercept_methods`, no edit of the model); `layers=[...]` picks
   other cut points by module path ("Conv_0", "stage2/block1") or by `cut` marker name. Code
@@ -82,8 +83,13 @@ class Segment:
       shared: pytree passed to every layer (traced).
       params: None, or a pytree whose leaves have a leading axis of length `depth`.
       names: one name per layer.
-      param_path: where this segment's trainable parameters live in variables["params"]
-        (stacked on the depth axis when depth > 1), or None if it has none of its own.
+      param_path: where this segment's own variables live in each collection of the model's
+        variables (variables["params"][*param_path], ...), or None if it has none of its own
+        (`layer_variables` reads them, `with_layer_variables` writes them).
+      stacked: those variables carry a leading depth axis (one slice per layer: a scanned run).
+      scope: the module path at which the layer's own submodules run inside `step`: () for a
+        module applied on its own (gradflow's blocks), param_path for an adapted model's layer
+        (the whole model runs). Module param_path + sub is seen at scope + sub.
     """
 
     step: Step
@@ -91,6 +97,8 @@ class Segment:
     params: Any
     names: tuple[str, ...]
     param_path: tuple[str, ...] | None = None
+    stacked: bool = False
+    scope: tuple[str, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -206,17 +214,17 @@ def chain(
         function: its params; nnx: ignored, pass None).
       x: one input as the model takes it; the chain starts from it (stacks: from embed(x)).
       layers: cut points by module path or marker name (default: see the module docstring).
-        Gradflow stacks have fixed layers; pass None.
+        `MLPStack`: which of its parts are layers, any of "embed", "blocks", "head" with
+        "blocks" among them (default: the blocks, h0 = embed(x), the head as readout);
+        recurrent stacks: None (their layers are the time steps).
       train: BatchNorm batch statistics (the batch map) instead of running averages.
       check: verify that no skip connection bypasses a cut (one jitted jvp per layer).
 
     Returns:
       The chain, from h0 = x (adapters) to the model output.
     """
-    if isinstance(model, nn.Module) and hasattr(model, "chain") and callable(model.chain):
-        if layers is not None:
-            raise ValueError(f"{type(model).__name__} has fixed layers (its blocks); pass layers=None")
-        return model.chain(variables, x, train=train)
+    if builds_chain(model):
+        return model.chain(variables, x, train=train, layers=layers)
     try:
         from flax import nnx
 
@@ -243,20 +251,87 @@ def chain(
     if cuts[-1] not in events.returned:  # the model computes more after the last cut
         names.append("output")
     params = variables.get("params", {}) if isinstance(variables, dict) else {}
-    segments = tuple(
-        Segment(
-            step=_CutLayer(model, cuts, i, options),
-            shared=(variables, x),
-            params=None,
-            names=(name,),
-            param_path=_param_path(model, name, params),
+    segments = []
+    for i, name in enumerate(names):
+        path = _param_path(model, name, params)
+        step = _CutLayer(model, cuts, i, options)
+        segments.append(
+            Segment(
+                step=step,
+                shared=(variables, x),
+                params=None,
+                names=(name,),
+                param_path=path,
+                scope=path or (),
+            )
         )
-        for i, name in enumerate(names)
-    )
-    result = Chain(segments=segments, h0=x)
+    result = Chain(segments=tuple(segments), h0=x)
     if check:
         _check_no_bypass(result)
     return result
+
+
+def provides_chain(method: Callable) -> Callable:
+    """Mark a linen module's `chain(variables, x, *, train, layers)` method as gradflow's own
+    layer decomposition (gradflow's stacks); `chain` then asks the model instead of cutting it."""
+    method.__gradflow_chain__ = True
+    return method
+
+
+def builds_chain(model: Any) -> bool:
+    """Whether `model` builds its own chain (a gradflow stack), as opposed to being cut into one.
+
+    A user model's own method that happens to be called `chain` does not count.
+    """
+    method = getattr(type(model), "chain", None)
+    return isinstance(model, nn.Module) and getattr(method, "__gradflow_chain__", False)
+
+
+def layer_variables(variables: Any, seg: Segment, i: int, collection: str = "params") -> Any:
+    """Layer i of `seg`'s own variables in `collection` (a subtree of variables[collection])."""
+    if seg.param_path is None:
+        raise ValueError(f"layer {seg.names[i]!r} has no variables of its own")
+    tree = variables[collection]
+    for key in seg.param_path:
+        tree = tree[key]
+    return jax.tree.map(lambda a: a[i], tree) if seg.stacked else tree
+
+
+def with_layer_variables(
+    variables: Any, seg: Segment, i: int | None, new: Any, collection: str = "params"
+) -> Any:
+    """A copy of `variables` with layer i of `seg`'s own variables in `collection` set to `new`
+    (i=None: all of the segment's, stacked as they are stored)."""
+    if seg.param_path is None:
+        raise ValueError(f"layer {seg.names[i or 0]!r} has no variables of its own")
+
+    def put(tree: Any, path: tuple[str, ...]) -> Any:
+        if path:
+            return {**tree, path[0]: put(tree[path[0]], path[1:])}
+        if seg.stacked and i is not None:
+            return jax.tree.map(lambda a, b: a.at[i].set(b), tree, new)
+        return new
+
+    return {**variables, collection: put(variables[collection], seg.param_path)}
+
+
+def layer_map(variables: Any, seg: Segment, i: int) -> Callable[[Any, jax.Array], jax.Array]:
+    """Layer i of `seg` as a function (own params, h) -> h_next of its own "params" (the rest of
+    the model held as in `variables`): what a layer-wise procedure (pretraining) trains."""
+    if seg.param_path is None:
+        raise ValueError(f"layer {seg.names[i]!r} has no variables of its own")
+    if seg.params is None:  # an adapted model's layer: its variables are the shared ones
+        _, x = seg.shared
+        return lambda own, h: seg.step((with_layer_variables(variables, seg, i, own), x), None, h)
+    p = seg.layer_params(i)
+    return lambda own, h: seg.step(seg.shared, {**p, "params": own}, h)
+
+
+def kernel_paths(params: Any) -> list[tuple[str, ...]]:
+    """Paths in a params tree of its leaves named "kernel" (flax's Dense/Conv weights)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    return [p for p in paths if p[-1] == "kernel"]
 
 
 @functools.partial(jax.jit, static_argnums=0)

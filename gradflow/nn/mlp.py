@@ -23,7 +23,8 @@ exactly the identity map at initialization.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow.nn.chains import Chain, Segment
+from gradflow.nn.chains import Chain, Segment, provides_chain
 from gradflow.nn.layers import PReLU, RReLU
 
 NORMS = (None, "batch", "layer")
@@ -218,31 +219,73 @@ class MLPStack(nn.Module):
             return h
         return nn.Dense(self.num_outputs, kernel_init=self.head_init, name="head")(h)
 
+    @provides_chain
     @nn.nowrap
-    def chain(self, variables: Any, x: jax.Array, *, train: bool = False) -> Chain:
-        """The blocks as one scanned segment of a layer chain (see `gradflow.nn.chain`).
+    def chain(
+        self, variables: Any, x: jax.Array, *, train: bool = False, layers: Sequence[str] | None = None
+    ) -> Chain:
+        """The stack as a layer chain (see `gradflow.nn.chain`): the blocks as one scanned segment.
 
-        h0 = embed(x); the layers are "blocks[1]" .. "blocks[L]"; `readout` is the head.
-        `train=True` is the BatchNorm batch map (x must be a batch).
+        layers: which parts are layers, any of "embed", "blocks", "head" with "blocks" among
+        them. Default ("blocks",): the layers are "blocks[1]" .. "blocks[L]", h0 = embed(x) and
+        `readout` is the head. With "embed", h0 = x and the embed is the first layer; with
+        "head", the head is the last layer. `train=True` is the BatchNorm batch map (x must be
+        a batch).
         """
+        parts = ("blocks",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+        wanted = tuple(p for p in ("embed", "blocks", "head") if p in parts)
+        if "blocks" not in parts or wanted != parts or (self.num_outputs is None and "head" in parts):
+            heads = ', "head"' if self.num_outputs is not None else ""
+            raise ValueError(
+                f'MLPStack layers must be, in order, a selection of "embed", "blocks"{heads} '
+                f'containing "blocks"; got {layers!r}'
+            )
         if train and self.norm == "batch" and x.ndim < 2:
             raise ValueError(
                 f"chain(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
             )
         params = variables["params"]
-        h0 = nn.Dense(self.width, parent=None).apply({"params": params["embed"]}, x)
+        embed = _DenseStep(nn.Dense(self.width, parent=None))
+        segments = []
+        if "embed" in parts:
+            segments.append(_dense_segment(embed, params, "embed"))
+            h0 = x
+        else:
+            h0 = embed(None, {"params": params["embed"]}, x)
         layer_vars = {"params": params["blocks"]}
         if variables.get("batch_stats"):
             layer_vars["batch_stats"] = variables["batch_stats"]["blocks"]
         block = Block(**self.block_fields(train=train, noise=False, dropout_rate=0.0), parent=None)
         step = _BlockStep(block, batch=train and self.norm == "batch")
         names = tuple(f"blocks[{l}]" for l in range(1, self.depth + 1))
-        segment = Segment(step=step, shared=None, params=layer_vars, names=names, param_path=("blocks",))
+        segments.append(
+            Segment(
+                step=step, shared=None, params=layer_vars, names=names, param_path=("blocks",), stacked=True
+            )
+        )
         readout = None
         if self.num_outputs is not None:
-            head = nn.Dense(self.num_outputs, parent=None)
-            readout = lambda h: head.apply({"params": params["head"]}, h)  # noqa: E731
-        return Chain(segments=(segment,), h0=h0, readout=readout)
+            head = _DenseStep(nn.Dense(self.num_outputs, parent=None))
+            if "head" in parts:
+                segments.append(_dense_segment(head, params, "head"))
+            else:
+                readout = functools.partial(head, None, {"params": params["head"]})
+        return Chain(segments=tuple(segments), h0=h0, readout=readout)
+
+
+def _dense_segment(step: _DenseStep, params: Any, name: str) -> Segment:
+    own = jax.tree.map(lambda a: a[None], {"params": params[name]})  # a one-layer segment
+    return Segment(step=step, shared=None, params=own, names=(name,), param_path=(name,))
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenseStep:
+    """The embed or the head as a chain step (shared, its variables, h) -> h."""
+
+    dense: nn.Dense
+
+    def __call__(self, _: Any, v: Any, h: jax.Array) -> jax.Array:
+        return self.dense.apply(v, h)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ same spectra engine as depth products. The cell's weights are shared across time
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow.nn.chains import Chain, Segment
+from gradflow.nn.chains import Chain, Segment, provides_chain
 
 _HEADS = ("last", "all")
 
@@ -71,15 +71,25 @@ class _RecurrentStack(nn.Module):
         return nn.Dense(self.num_outputs, name="head")(ys)
 
     @nn.nowrap
+    @provides_chain
     def chain(
-        self, variables: Any, x: jax.Array, *, train: bool = False, s0: jax.Array | None = None
+        self,
+        variables: Any,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        layers: Sequence[str] | None = None,
+        s0: jax.Array | None = None,
     ) -> Chain:
         """The transition through time for one sequence x (T, D) (or a batch (B, T, D)), as one
-        scanned segment of a layer chain: layers "t=1" .. "t=T", fed x_t.
+        scanned segment of a layer chain: layers "t=1" .. "t=T", fed x_t; with head="last" the
+        chain's `readout` is the head on s_T (the model's output).
 
         s0 (default zeros) is the flat initial carry.
         """
         del train  # recurrent cells have no train/eval difference here
+        if layers is not None:
+            raise ValueError(f"{type(self).__name__} has fixed layers (its time steps); pass layers=None")
         if x.ndim not in (2, 3):
             raise ValueError(
                 f"chain expects x of shape (time, features) or (batch, time, features), got {x.shape}"
@@ -91,7 +101,13 @@ class _RecurrentStack(nn.Module):
         segment = Segment(
             step=_CellStep(self), shared={"params": variables["params"]["cell"]}, params=xs, names=names
         )
-        return Chain(segments=(segment,), h0=s0)
+        readout = None
+        if self.head == "last" and self.num_outputs is not None:
+            head = nn.Dense(self.num_outputs, parent=None)
+            head_vars = {"params": variables["params"]["head"]}
+            # every flax cell's output is its hidden state h, the flat carry's tail
+            readout = lambda s: head.apply(head_vars, s[..., -self.hidden :])  # noqa: E731
+        return Chain(segments=(segment,), h0=s0, readout=readout)
 
 
 @dataclasses.dataclass(frozen=True)

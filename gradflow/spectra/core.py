@@ -43,13 +43,12 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradflow.nn.chains import Chain, Segment
+from gradflow.nn.chains import Chain, Segment, layer_variables
 from gradflow.nn.chains import chain as make_chain
 from gradflow.spectra import _jacobi
 from gradflow.spectra.result import SpectraResult
@@ -327,10 +326,8 @@ def _check_finite_parameters(c: Chain) -> None:
                         f"layer {seg.names[int(np.argmin(ok))]!r} has non-finite parameters (NaN/Inf)"
                     )
         shared = seg.shared
-        if seg.param_path is not None and isinstance(shared, tuple):  # an adapted model's layer
-            shared = shared[0]["params"]
-            for key in seg.param_path:
-                shared = shared[key]
+        if seg.params is None and seg.param_path is not None:  # an adapted model's layer
+            shared = layer_variables(shared[0], seg, 0)
         floats = [
             np.asarray(a)
             for a in jax.tree_util.tree_leaves(shared)
@@ -565,8 +562,8 @@ def model_spectra(
       variables: its variables (params, and batch_stats if any).
       x: one input as the model takes it (a batch of one is fine); with `train=True` for
         BatchNorm, a batch (the batch map, examples coupled).
-      layers: adapted models: the cut points (module paths or cut-marker names); gradflow
-        stacks: which of their layers to report (like `depths`, by name).
+      layers: the cut points (module paths or cut-marker names); `MLPStack`: which of its
+        parts are layers ("embed", "blocks", "head"), as in `gradflow.nn.chain`.
       train: BatchNorm batch statistics instead of running averages.
       depths: 1-based indices into the chain's layers (default: all).
       **options: method, k, direction, oversample, refine, key, tol, as in `jacobian_spectra`.
@@ -575,20 +572,5 @@ def model_spectra(
       SpectraResult; forward rows are d h_l / d x (stacks: d h_l / d h_0, h_0 = embed(x)),
       backward rows d y / d h_l (stacks: d h_L / d h_l).
     """
-    fixed = isinstance(model, nn.Module) and callable(getattr(model, "chain", None))
-    c = make_chain(model, variables, x, layers=None if fixed else layers, train=train)
-    if fixed and layers is not None:
-        if depths is not None:
-            raise ValueError("pass layers or depths, not both")
-        names = [layers] if isinstance(layers, str) else list(layers)
-        unknown = [n for n in names if n not in c.layers]
-        if unknown:
-            raise ValueError(
-                f"layers {unknown} are not in {type(model).__name__}; its layers are {_brief(c.layers)}"
-            )
-        depths = [c.layers.index(n) + 1 for n in names]
+    c = make_chain(model, variables, x, layers=layers, train=train)
     return chain_spectra(c, depths=depths, **options)
-
-
-def _brief(names: Sequence[str]) -> str:
-    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"

@@ -25,5 +25,4 @@ from gradflow.train.sweep import grid as grid
 from gradflow.train.sweep import make_run as make_run
 from gradflow.train.sweep import scale_kernels as scale_kernels
 from gradflow.train.sweep import sweep as sweep
-from gradflow.train.sweep import sweep_optimizer as sweep_optimizer
 from gradflow.train.sweep import sweep_points as sweep_points

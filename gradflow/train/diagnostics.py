@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow.nn.chains import call_order
+from gradflow.nn.chains import builds_chain, call_order
 from gradflow.nn.chains import chain as make_chain
 from gradflow.nn.mlp import PREACT as PREACT
 from gradflow.nn.mlp import STATE as STATE
@@ -137,17 +137,17 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
     variables = variables if "params" in variables else {"params": variables}
     params = variables["params"]
     x = jnp.asarray(x)
-    c = make_chain(model, variables, x if _is_stack(model) else x[:1], check=False)
+    c = make_chain(model, variables, x if builds_chain(model) else x[:1], check=False)
     own = [seg for seg in c.segments if seg.param_path is not None]
-    stacked = {seg.param_path[0]: seg for seg in own if len(seg.param_path) == 1 and seg.depth > 1}
-    order = call_order(model, variables, x if _is_stack(model) else x[:1])
+    stacked = {seg.param_path[0]: seg for seg in own if len(seg.param_path) == 1 and seg.stacked}
+    order = call_order(model, variables, x if builds_chain(model) else x[:1])
     keys = [k for k in order if k in params] + [k for k in params if k not in order]
     entries = tuple((k, stacked[k].names, True) if k in stacked else (k, (k,), False) for k in keys)
     if own:
-        layers = tuple((seg.param_path, seg.names, seg.depth > 1) for seg in own)
+        layers = tuple((seg.param_path, seg.names, seg.stacked) for seg in own)
     else:
         layers = tuple(((k,), names, st) for k, names, st in entries)
-    adapted = not _is_stack(model)
+    adapted = not builds_chain(model)
     sows = [k for k, seg in stacked.items() if getattr(model, "activation", None) is not None]
     stacked_key = sows[0] if (sows and not adapted) else None
     omitted = []
@@ -172,10 +172,6 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
         stacked_key=stacked_key,
         omitted=tuple(omitted),
     )
-
-
-def _is_stack(model: Any) -> bool:
-    return callable(getattr(model, "chain", None))
 
 
 def blank_diagnostics(lay: Layout, dtype: Any = jnp.float32) -> dict[str, jax.Array]:

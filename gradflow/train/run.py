@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gradflow.optim import make_optimizer
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
-from gradflow.train.sweep import sweep_optimizer
 
 Data = tuple[Any, Any, Any, Any]
 
@@ -225,7 +225,7 @@ def _run_epoch(
 ):
     # Cached on (model, cfg) with seed, epochs, lr and clip_value blanked (they are arguments or
     # unused here): runs that differ only in those share one compiled epoch.
-    return make_train_epoch(model, sweep_optimizer(cfg.optim, lr, clip_value), cfg)(state, batches, done)
+    return make_train_epoch(model, make_optimizer(cfg.optim, lr=lr, clip_value=clip_value), cfg)(state, batches, done)
 
 
 def _static(cfg: TrainConfig) -> TrainConfig:
@@ -266,9 +266,9 @@ def train(
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     if x_train.shape[0] < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
-    # The optimizer of a sweep run (`sweep_optimizer`): lr and clip_value enter as arguments.
+    # lr and clip_value enter as arguments (traced), as in a sweep run.
     lr, clip_value = jnp.float32(cfg.optim.lr), jnp.float32(cfg.optim.clip_value)
-    tx = sweep_optimizer(cfg.optim, lr, clip_value)
+    tx = make_optimizer(cfg.optim, lr=lr, clip_value=clip_value)
     init_key, data_key = run_keys(cfg.seed)
     state = init_state(model, tx, init_key, x_train[: cfg.batch_size])
     lay = layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x_train[: cfg.batch_size])

@@ -9,8 +9,8 @@ call (`Hparams`, one value per run) is numeric:
 - lr: the peak learning rate, passed as `make_optimizer(cfg.optim, lr=lr)` (closure, not state);
 - weight_scale: multiplies every kernel of the blocks after initialization, so a model whose
   `kernel_init` has variance sigma_w^2 / fan_in runs at (weight_scale * sigma_w)^2 / fan_in;
-- clip_value: the threshold of `cfg.optim.clip` ("value", "global_norm", "adaptive"), applied
-  first in the chain exactly as `make_optimizer` does (ignored when `cfg.optim.clip` is None).
+- clip_value: the threshold of `cfg.optim.clip` ("value", "global_norm", "adaptive"), passed
+  as `make_optimizer(cfg.optim, clip_value=...)` (ignored when `cfg.optim.clip` is None).
 
 What changes the program (activation, depth, width, optimizer kind, task, epochs, batch size)
 cannot be vmapped: `sweep_points` groups the points by structure (model equality and the
@@ -40,16 +40,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from gradflow.optim import OptimConfig, make_optimizer
+from gradflow.optim import make_optimizer
 from gradflow.train.diagnostics import Layout, layout
+from gradflow.train.loop import train_epochs
 from gradflow.train.state import TrainConfig, TrainState, init_state, init_variables, run_keys
-from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
 Data = tuple[Any, Any, Any, Any]
 _AXIS = "runs"  # the vmap axis of `sweep`
@@ -123,22 +121,6 @@ def scale_kernels(params: Any, scale: ArrayLike, lay: Layout | None = None) -> A
     return params
 
 
-def _clip(kind: str, value: ArrayLike) -> optax.GradientTransformation:
-    if kind == "value":
-        return optax.clip(value)
-    if kind == "global_norm":
-        return optax.clip_by_global_norm(value)
-    return optax.adaptive_grad_clip(value)
-
-
-def sweep_optimizer(optim: OptimConfig, lr: ArrayLike, clip_value: ArrayLike) -> optax.GradientTransformation:
-    """`make_optimizer(optim, lr=lr)` with the clipping threshold taken from `clip_value` (a tracer)."""
-    if optim.clip is None:
-        return make_optimizer(optim, lr=lr)
-    inner = make_optimizer(dataclasses.replace(optim, clip=None), lr=lr)
-    return optax.chain(_clip(optim.clip, clip_value), inner)
-
-
 def make_run(
     model: nn.Module, cfg: TrainConfig, *, axis_name: str | None = None
 ) -> Callable[[Hparams, Data], tuple[TrainState, dict]]:
@@ -161,7 +143,7 @@ def make_run(
     def run(hp: Hparams, data: Data, variables: Any = None) -> tuple[TrainState, dict]:
         x, y, x_test, y_test = data
         init_key, data_key = run_keys(hp.seed)
-        tx = sweep_optimizer(cfg.optim, hp.lr, hp.clip_value)
+        tx = make_optimizer(cfg.optim, lr=hp.lr, clip_value=hp.clip_value)
         state = init_state(model, tx, init_key, x[: cfg.batch_size], variables)
         lay = layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x[: cfg.batch_size])
         params = scale_kernels(state.params, hp.weight_scale, lay)
@@ -169,37 +151,6 @@ def make_run(
         return train_epochs(model, tx, cfg, state, data, data_key, axis_name=axis_name)
 
     return run
-
-
-def train_epochs(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    cfg: TrainConfig,
-    state: TrainState,
-    data: Data,
-    data_key: jax.Array,
-    *,
-    axis_name: str | None = None,
-) -> tuple[TrainState, dict]:
-    """`cfg.epochs` epochs from `state` as one `lax.scan` (pure; the body of `make_run`).
-
-    Returns the final state and `summarize_epoch`'s entries with a leading epoch axis, plus
-    test_loss / test_accuracy when test data are given.
-    """
-    x, y, x_test, y_test = data
-    epoch_fn = make_train_epoch(model, tx, cfg, axis_name=axis_name)
-
-    def body(carry, epoch):
-        state, done = carry
-        state, metrics = epoch_fn(state, epoch_batches(x, y, data_key, epoch, cfg.batch_size), done)
-        summary = summarize_epoch(metrics)
-        if x_test is not None:
-            test = evaluate(model, state, x_test, y_test, cfg)
-            summary.update({f"test_{k}": v for k, v in test.items()})
-        return (state, summary["done"]), summary
-
-    (state, _), epochs = lax.scan(body, (state, jnp.asarray(False)), jnp.arange(cfg.epochs))
-    return state, epochs
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """The demonstration run by `make demo`: where gradients vanish or explode at initialization.
 
 For a few deep MLPs (gradflow.nn.MLPStack) on one random batch it measures
-- the per-layer gradient norms ||dL/dW_l|| (float32-safe norms), and
+- the per-layer gradient norms ||dL/dtheta_l|| of the blocks (float32-safe norms, by the
+  model's layer layout), and
 - the per-layer singular-value spectra of the input-output Jacobian J_l = d h_l / d h_0
   (gradflow.spectra, exact in log space),
 and writes `results.json`, `gradient_norms.png`, `spectra.png` and one `spectra_<config>.npz`
@@ -21,7 +22,7 @@ import optax
 
 from gradflow import initializers, spectra
 from gradflow.nn import MLPStack
-from gradflow.numerics import stable_norm
+from gradflow.train import diagnostics, layout
 
 CONFIGS = {
     "sigmoid_glorot": ("sigmoid", "glorot_normal"),
@@ -45,7 +46,7 @@ def measure(activation: str, init: str, depth: int, width: int, key: jax.Array) 
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     grads = jax.grad(loss)(variables["params"])
-    norms = jax.vmap(stable_norm)(grads["blocks"]["dense"]["kernel"])  # (depth,)
+    norms = diagnostics.layer_norms(layout(model, variables, x), grads)  # (depth,): the blocks
     res = spectra.model_spectra(model, variables, x[0])
     return {"grad_norms": np.asarray(norms), "spectra": res}
 
@@ -95,7 +96,7 @@ def _plot(results: dict, depth: int, out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         ax.semilogy(layers, r["grad_norms"], label=name)
-    ax.set(xlabel="layer l", ylabel="||dL/dW_l||", title=f"Gradient norms at initialization, depth {depth}")
+    ax.set(xlabel="layer l", ylabel="||dL/dtheta_l||", title=f"Gradient norms at initialization, depth {depth}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "gradient_norms.png", dpi=120)
