@@ -96,7 +96,9 @@ def _plot(results: dict, depth: int, out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         ax.semilogy(layers, r["grad_norms"], label=name)
-    ax.set(xlabel="layer l", ylabel="||dL/dtheta_l||", title=f"Gradient norms at initialization, depth {depth}")
+    ax.set(
+        xlabel="layer l", ylabel="||dL/dtheta_l||", title=f"Gradient norms at initialization, depth {depth}"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "gradient_norms.png", dpi=120)

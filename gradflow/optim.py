@@ -314,7 +314,9 @@ def make_optimizer(
     """
     schedule = make_schedule(cfg, lr)
     mask = decay_mask_fn(cfg)
-    parts: list[optax.GradientTransformation] = [_clip(cfg, cfg.clip_value if clip_value is None else clip_value)]
+    parts: list[optax.GradientTransformation] = [
+        _clip(cfg, cfg.clip_value if clip_value is None else clip_value)
+    ]
     if cfg.l1 > 0 and cfg.l1_mode == "subgradient":
         parts.append(_masked(_add_l1_subgradient(cfg.l1), mask))
     if cfg.l2 > 0:

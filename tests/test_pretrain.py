@@ -1,6 +1,5 @@
 """Greedy layer-wise autoencoder pretraining (gradflow.pretrain) and its experiment at test size."""
 
-import dataclasses
 import importlib.util
 import json
 import pathlib

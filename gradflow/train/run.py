@@ -225,7 +225,9 @@ def _run_epoch(
 ):
     # Cached on (model, cfg) with seed, epochs, lr and clip_value blanked (they are arguments or
     # unused here): runs that differ only in those share one compiled epoch.
-    return make_train_epoch(model, make_optimizer(cfg.optim, lr=lr, clip_value=clip_value), cfg)(state, batches, done)
+    return make_train_epoch(model, make_optimizer(cfg.optim, lr=lr, clip_value=clip_value), cfg)(
+        state, batches, done
+    )
 
 
 def _static(cfg: TrainConfig) -> TrainConfig:
