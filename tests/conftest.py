@@ -1,5 +1,8 @@
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 import pathlib
 import sys
 
@@ -11,6 +14,16 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
     ).strip()
+
+# One XLA compilation cache per test session, shared by the xdist workers and by the subprocesses
+# tests start (through the environment): a program one worker compiled, the others load. It is
+# created empty by the session's first process and removed when that process exits, so every
+# session is a cold start (a cached program never hides a first-run failure); set
+# JAX_COMPILATION_CACHE_DIR yourself to keep a cache across sessions.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gradflow-tests-jit-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
