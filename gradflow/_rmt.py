@@ -18,6 +18,7 @@ from jax.scipy.special import digamma, polygamma
 from jax.typing import ArrayLike
 
 from gradflow import _quadrature
+from gradflow._checks import check_int
 
 Array = jax.Array
 
@@ -32,12 +33,6 @@ def ensemble_s1(ensemble: str) -> float:
     if ensemble not in ENSEMBLE_S1:
         raise ValueError(f"unknown weight ensemble {ensemble!r}; known ensembles: {', '.join(ENSEMBLE_S1)}")
     return ENSEMBLE_S1[ensemble]
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def gaussian_lyapunov_exponents(n: int, sigma: float = 1.0) -> Array:
@@ -58,7 +53,7 @@ def gaussian_lyapunov_exponents(n: int, sigma: float = 1.0) -> Array:
     Returns:
       Shape (n,), decreasing, in the default float dtype.
     """
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     i = jnp.arange(1, n + 1, dtype=jnp.result_type(float))
@@ -82,8 +77,8 @@ def fuss_catalan_density(depth: int, num: int = 2001) -> tuple[Array, Array]:
       upper edge (density 0; the square-root edge gets quadratically spaced nodes). Float64 under
       `_quadrature.x64()`; in float32 the smallest nodes underflow for depth >~ 20.
     """
-    depth = _check_int("depth", depth, 1)
-    num = _check_int("num", num, 3)
+    depth = check_int("depth", depth, 1)
+    num = check_int("num", num, 3)
     s = depth
     with _quadrature.x64():
         phi = (math.pi / (s + 1)) * jnp.arange(1, num, dtype=jnp.float64) / num
@@ -140,7 +135,7 @@ def relu_jacobian_norm_stats(widths: Sequence[int]) -> ReluJacobianStats:
     Returns:
       `ReluJacobianStats` of Python floats.
     """
-    widths = [_check_int("widths", n, 1) for n in widths]
+    widths = [check_int("widths", n, 1) for n in widths]
     if len(widths) < 2:
         raise ValueError(f"widths must list n_0 and at least one layer, got {widths}")
     mean = second = 1.0

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import data, initializers, spectra, theory
+from gradflow._checks import check_subset
 from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
@@ -66,12 +67,6 @@ VERDICT_RULE = (
     "make the spread infinite). Recurrent nets are judged by the largest singular value through "
     "time, the direction a gradient can still come back along."
 )
-
-
-def _check_subset(name: str, values: Sequence, allowed: Sequence) -> None:
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ValueError(f"{name}: {bad or 'empty'} not allowed; choose from {list(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +104,10 @@ class AtlasConfig:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r} is not one of {GRIDS}")
-        _check_subset("activations", self.activations, ACTIVATIONS)
-        _check_subset("inits", self.inits, INITS)
-        _check_subset("archs", self.archs, ARCHS)
-        _check_subset("cells", self.cells, CELLS)
+        check_subset("activations", self.activations, ACTIVATIONS)
+        check_subset("inits", self.inits, INITS)
+        check_subset("archs", self.archs, ARCHS)
+        check_subset("cells", self.cells, CELLS)
         for name in ("depths", "seq_lens"):
             values = getattr(self, name)
             if not values or any(int(v) < 2 for v in values):

@@ -60,7 +60,7 @@ class Train:
     model: StackConfig = StackConfig()
     train: TrainConfig = TrainConfig(epochs=5)
     dataset: str = "mnist1d"
-    """mnist1d or digits (classification), adding (regression; recurrent stacks, T = model.depth)."""
+    """mnist1d or digits (classification), adding (regression; recurrent stacks, T = model.seq_len)."""
     num_samples: int = 4000
     out: str = "runs/train"
     """run directory: config.json, metrics.jsonl, checkpoints, loss.png, grad_norms.png."""
@@ -123,7 +123,7 @@ def _dataset(name: str, num_samples: int, model: StackConfig, seed: int):
     if name == "adding":
         if not recurrent:
             raise ValueError("dataset 'adding' needs a recurrent model (--model.kind rnn|lstm|gru)")
-        return data.adding_problem(seq_len=model.depth, num_samples=num_samples, seed=seed), "regression"
+        return data.adding_problem(seq_len=model.seq_len, num_samples=num_samples, seed=seed), "regression"
     ds = data.mnist1d(seed=seed, num_samples=num_samples) if name == "mnist1d" else data.digits(seed=seed)
     if recurrent:  # a sequence of scalars: (N, T, 1)
         ds = dataclasses.replace(ds, x_train=ds.x_train[..., None], x_test=ds.x_test[..., None])
@@ -212,8 +212,8 @@ def run_spectra(cmd: Spectra) -> int:
             x = np.asarray(data.mnist1d(seed=cmd.seed, num_samples=100).x_train[:1])
         else:
             x = np.asarray(jax.random.normal(key, (1, 40)))
-        if recurrent:  # the 40 samples of the signal as a sequence, tiled to depth steps
-            x = np.resize(x[0], cmd.model.depth)[None, :, None]
+        if recurrent:  # the 40 samples of the signal as a sequence, tiled to seq_len steps
+            x = np.resize(x[0], cmd.model.seq_len)[None, :, None]
         variables = model.init(key, x)
         res = spectra.model_spectra(
             model, variables, x[0], depths=cmd.depths, method=cmd.method, k=cmd.k, direction=cmd.direction

@@ -25,11 +25,12 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from numpy.typing import ArrayLike
+
+from gradflow._checks import check_int, check_real
 
 ADDING_BASELINE_MSE = 1.0 / 6.0
 """MSE of always predicting 1 on the adding problem: Var(U1 + U2) = 2/12 (Le et al. 2015)."""
@@ -63,18 +64,6 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_nonnegative(**values: float) -> None:
-    for name, value in values.items():
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
-
-
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Independent train / test generators from one seed."""
     train, test = np.random.SeedSequence(seed).spawn(2)
@@ -104,7 +93,7 @@ def mnist1d(seed: int = 0, num_samples: int = 5000, cache_dir: str | os.PathLike
     Raises:
       ValueError: num_samples < 10.
     """
-    _check_positive(num_samples=num_samples)
+    check_int("num_samples", num_samples, 1)
     if num_samples < 10:
         raise ValueError(f"mnist1d needs num_samples >= 10 (one per class), got {num_samples}")
     key = {
@@ -218,7 +207,8 @@ def adding_problem(
     Raises:
       ValueError: seq_len < 2 (no two halves) or a size < 1.
     """
-    _check_positive(num_samples=num_samples, num_test=num_test)
+    check_int("num_samples", num_samples, 1)
+    check_int("num_test", num_test, 1)
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
         raise ValueError(f"adding_problem needs seq_len >= 2 (one marker in each half), got {seq_len!r}")
     rng_train, rng_test = _streams(seed)
@@ -286,13 +276,11 @@ def copy_task(
     Raises:
       ValueError: a size < 1.
     """
-    _check_positive(
-        seq_len=seq_len,
-        num_symbols=num_symbols,
-        copy_len=copy_len,
-        num_samples=num_samples,
-        num_test=num_test,
-    )
+    check_int("seq_len", seq_len, 1)
+    check_int("num_symbols", num_symbols, 1)
+    check_int("copy_len", copy_len, 1)
+    check_int("num_samples", num_samples, 1)
+    check_int("num_test", num_test, 1)
     rng_train, rng_test = _streams(seed)
     x_tr, y_tr = _copy(rng_train, num_samples, seq_len, num_symbols, copy_len, one_hot)
     x_te, y_te = _copy(rng_test, num_test, seq_len, num_symbols, copy_len, one_hot)
@@ -334,15 +322,13 @@ def teacher_student(
     Raises:
       ValueError: a size < 1 or negative noise.
     """
-    _check_positive(
-        d_in=d_in,
-        d_out=d_out,
-        num_samples=num_samples,
-        num_test=num_test,
-        teacher_depth=teacher_depth,
-        width=width,
-    )
-    _check_nonnegative(noise=noise)
+    check_int("d_in", d_in, 1)
+    check_int("d_out", d_out, 1)
+    check_int("num_samples", num_samples, 1)
+    check_int("num_test", num_test, 1)
+    check_int("teacher_depth", teacher_depth, 1)
+    check_int("width", width, 1)
+    check_real("noise", noise, lo=0.0)
     teacher_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(teacher_seq)
     dims = [d_in] + [width] * (teacher_depth - 1) + [d_out]
@@ -373,94 +359,6 @@ def random_regression(seed: int = 0) -> Dataset:
     y = rng.standard_normal((64, 10)).astype(np.float32)
     return Dataset(
         x, y, np.zeros((0, 1000), np.float32), np.zeros((0, 10), np.float32), None, "random_regression"
-    )
-
-
-# ------------------------------------------------------------------------------------------------ batches
-
-
-def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a pure function of (num_examples, seed, epoch).
-
-    A run resumed at `epoch` sees exactly the batches it would have seen uninterrupted.
-    """
-    _check_positive(num_examples=num_examples)
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
-
-
-def _check_batching(x: ArrayLike, y: ArrayLike, batch_size: int) -> int:
-    _check_positive(batch_size=batch_size)
-    n = len(x)
-    if len(y) != n:
-        raise ValueError(f"x and y must have the same number of examples, got {n} and {len(y)}")
-    if n == 0:
-        raise ValueError("cannot batch an empty dataset")
-    return n
-
-
-def batches(
-    x: ArrayLike,
-    y: ArrayLike,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    drop_last: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Minibatches (xb, yb) of one epoch, in the order `epoch_permutation(N, seed, epoch)`.
-
-    Args:
-      x, y: arrays with the same leading dimension N (numpy or jax).
-      batch_size: examples per batch.
-      seed, epoch: determine the order (ignored with shuffle=False).
-      shuffle: permute the examples; else take them in order.
-      drop_last: drop the final short batch; with False every example appears exactly once.
-
-    Returns:
-      An iterator over (xb, yb); arguments are checked when `batches` is called.
-
-    Raises:
-      ValueError: batch_size < 1, mismatched lengths, or an empty dataset.
-    """
-    n = _check_batching(x, y, batch_size)
-    order = epoch_permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n)
-    stop = (n // batch_size) * batch_size if drop_last else n
-
-    def gen() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]
-
-    return gen()
-
-
-def stacked_batches(
-    x: ArrayLike, y: ArrayLike, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch as stacked full batches, for a `lax.scan` over steps.
-
-    Same order as `batches(..., drop_last=True)`; the last N mod batch_size examples of the
-    permutation are dropped.
-
-    Returns:
-      (xb, yb) of shapes (N // batch_size, batch_size, *x.shape[1:]) and likewise for y.
-
-    Raises:
-      ValueError: as `batches`, or batch_size > N (no full batch).
-    """
-    n = _check_batching(x, y, batch_size)
-    num_batches = n // batch_size
-    if num_batches == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the number of examples {n}")
-    order = epoch_permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n)
-    idx = order[: num_batches * batch_size]
-    xb, yb = x[idx], y[idx]
-    return (
-        xb.reshape((num_batches, batch_size) + tuple(x.shape[1:])),
-        yb.reshape((num_batches, batch_size) + tuple(y.shape[1:])),
     )
 
 

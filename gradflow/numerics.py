@@ -33,11 +33,3 @@ def stable_norm(x: ArrayLike) -> jax.Array:
     safe = jnp.where(m > 0, m, 1.0)
     scaled = jnp.where(jnp.isfinite(safe), x / safe, x)
     return jnp.where(jnp.isfinite(safe), safe * jnp.sqrt(jnp.sum(scaled * scaled)), m)
-
-
-def log_norm(x: ArrayLike) -> jax.Array:
-    """log ||x|| (natural log), -inf for x == 0, never under- or overflowing on the way."""
-    x = jnp.asarray(x)
-    m = jnp.max(jnp.abs(x))
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    return jnp.log(m) + 0.5 * jnp.log(jnp.sum((x / safe) ** 2))

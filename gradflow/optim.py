@@ -5,7 +5,8 @@
     clip -> l1 (subgradient) -> l2 (coupled) -> scale_by_<optimizer> -> weight decay (decoupled)
          -> scale_by_learning_rate(schedule) -> l1 (proximal)
 
-and, with `skip_nonfinite=True`, wraps the whole chain in `optax.apply_if_finite`.
+Non-finite steps are the trainer's business, in one place (`TrainConfig.on_nonfinite`: stop, or
+skip the step's update and count it), not the optimizer's.
 
 Regularizer conventions (w are the parameters selected by `decay_mask`, eta_t the learning
 rate at step t, i.e. `make_schedule(cfg)(t)`; `u` below is the update, so w <- w + u):
@@ -30,7 +31,6 @@ To sweep learning rates with `vmap`, build the optimizer inside the mapped funct
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
+
+from gradflow._checks import check_choice, check_int, check_real
 
 Array = jax.Array
 Schedule = Callable[[ArrayLike], Array]
@@ -48,29 +50,6 @@ CLIPS = (None, "value", "global_norm", "adaptive")
 L1_MODES = ("subgradient", "proximal")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential")
 DECAY_MASKS = ("kernels", "all")
-
-
-def _check_real(
-    name: str, value: Any, *, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = True
-) -> None:
-    """Raise a ValueError naming `OptimConfig.<name>` unless `value` is a real number in range."""
-    allowed = f"a finite number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"OptimConfig.{name} must be {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, *, lo: int) -> None:
-    """Raise a ValueError naming `OptimConfig.<name>` unless `value` is an int >= lo."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
-        raise ValueError(f"OptimConfig.{name} must be an integer >= {lo}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Raise a ValueError naming `OptimConfig.<name>` unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"OptimConfig.{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +82,6 @@ class OptimConfig:
       warmup_steps: linear warmup length of "warmup_cosine"; must be 0 for other schedules.
       total_steps: schedule length (warmup included) of "cosine" and "warmup_cosine".
       decay_rate: per-step factor of "exponential", in (0, 1].
-      skip_nonfinite: wrap the chain in `optax.apply_if_finite`: a step whose gradient holds a
-        NaN or Inf is skipped (zero update, optimizer state unchanged) and counted.
-      max_consecutive_errors: after this many consecutive non-finite steps the update is
-        applied anyway (optax's rule).
     """
 
     optimizer: str
@@ -127,44 +102,38 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 0
     decay_rate: float = 1.0
-    skip_nonfinite: bool = False
-    max_consecutive_errors: int = 5
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_real("lr", self.lr, lo=0.0, lo_open=True)
-        _check_real("momentum", self.momentum, lo=0.0, hi=1.0)
-        _check_real("b1", self.b1, lo=0.0, hi=1.0)
-        _check_real("b2", self.b2, lo=0.0, hi=1.0)
-        _check_real("eps", self.eps, lo=0.0, lo_open=True)
-        _check_real("rms_decay", self.rms_decay, lo=0.0, hi=1.0)
-        _check_choice("clip", self.clip, CLIPS)
+        check_choice("OptimConfig.optimizer", self.optimizer, OPTIMIZERS)
+        check_real("OptimConfig.lr", self.lr, lo=0.0, lo_open=True)
+        check_real("OptimConfig.momentum", self.momentum, lo=0.0, hi=1.0)
+        check_real("OptimConfig.b1", self.b1, lo=0.0, hi=1.0)
+        check_real("OptimConfig.b2", self.b2, lo=0.0, hi=1.0)
+        check_real("OptimConfig.eps", self.eps, lo=0.0, lo_open=True)
+        check_real("OptimConfig.rms_decay", self.rms_decay, lo=0.0, hi=1.0)
+        check_choice("OptimConfig.clip", self.clip, CLIPS)
         if self.clip is not None:
-            _check_real("clip_value", self.clip_value, lo=0.0, lo_open=True)
-        _check_real("weight_decay", self.weight_decay, lo=0.0)
-        _check_real("l2", self.l2, lo=0.0)
-        _check_real("l1", self.l1, lo=0.0)
-        _check_choice("l1_mode", self.l1_mode, L1_MODES)
+            check_real("OptimConfig.clip_value", self.clip_value, lo=0.0, lo_open=True)
+        check_real("OptimConfig.weight_decay", self.weight_decay, lo=0.0)
+        check_real("OptimConfig.l2", self.l2, lo=0.0)
+        check_real("OptimConfig.l1", self.l1, lo=0.0)
+        check_choice("OptimConfig.l1_mode", self.l1_mode, L1_MODES)
         if not callable(self.decay_mask):
-            _check_choice("decay_mask", self.decay_mask, DECAY_MASKS + ("<callable>",))
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_int("warmup_steps", self.warmup_steps, lo=0)
-        _check_int("total_steps", self.total_steps, lo=0)
+            check_choice("OptimConfig.decay_mask", self.decay_mask, DECAY_MASKS + ("<callable>",))
+        check_choice("OptimConfig.schedule", self.schedule, SCHEDULES)
+        check_int("OptimConfig.warmup_steps", self.warmup_steps, lo=0)
+        check_int("OptimConfig.total_steps", self.total_steps, lo=0)
         if self.schedule == "warmup_cosine":
-            _check_int("warmup_steps", self.warmup_steps, lo=1)
-            _check_int("total_steps", self.total_steps, lo=self.warmup_steps + 1)
+            check_int("OptimConfig.warmup_steps", self.warmup_steps, lo=1)
+            check_int("OptimConfig.total_steps", self.total_steps, lo=self.warmup_steps + 1)
         elif self.warmup_steps != 0:
             raise ValueError(
                 f"OptimConfig.warmup_steps must be 0 unless schedule='warmup_cosine', "
                 f"got {self.warmup_steps!r} with schedule={self.schedule!r}"
             )
         if self.schedule == "cosine":
-            _check_int("total_steps", self.total_steps, lo=1)
-        _check_real("decay_rate", self.decay_rate, lo=0.0, hi=1.0, lo_open=True, hi_open=False)
-        if not isinstance(self.skip_nonfinite, bool):
-            bad = self.skip_nonfinite
-            raise ValueError(f"OptimConfig.skip_nonfinite must be one of (True, False), got {bad!r}")
-        _check_int("max_consecutive_errors", self.max_consecutive_errors, lo=0)
+            check_int("OptimConfig.total_steps", self.total_steps, lo=1)
+        check_real("OptimConfig.decay_rate", self.decay_rate, lo=0.0, hi=1.0, lo_open=True, hi_open=False)
 
 
 def _unit_schedule(cfg: OptimConfig) -> Schedule:
@@ -327,25 +296,4 @@ def make_optimizer(
     parts.append(optax.scale_by_learning_rate(schedule))
     if cfg.l1 > 0 and cfg.l1_mode == "proximal":
         parts.append(_masked(l1_proximal(cfg.l1, schedule), mask))
-    tx = optax.chain(*parts)
-    if cfg.skip_nonfinite:
-        tx = optax.apply_if_finite(tx, cfg.max_consecutive_errors)
-    return tx
-
-
-def skipped_updates(opt_state: Any, consecutive: bool = False) -> Array:
-    """How many updates `optax.apply_if_finite` skipped for a NaN or Inf gradient.
-
-    Args:
-      opt_state: the state of `make_optimizer(cfg)` (possibly nested in a larger state; the
-        leading axes of a vmapped state carry through).
-      consecutive: return the current run of consecutive skipped steps (`notfinite_count`)
-        instead of the total since `init` (`total_notfinite`).
-
-    Returns:
-      An int32 array; 0 when the optimizer was built with `skip_nonfinite=False` (nothing is
-      ever skipped then).
-    """
-    key = "notfinite_count" if consecutive else "total_notfinite"
-    value = optax.tree_utils.tree_get(opt_state, key)
-    return jnp.zeros([], jnp.int32) if value is None else value
+    return optax.chain(*parts)

@@ -64,6 +64,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
+from gradflow._checks import check_bool, check_int
 from gradflow.nn.chains import (
     Chain,
     builds_chain,
@@ -85,16 +86,6 @@ DECODER_ACTIVATIONS = ("mirror", "linear")
 Params = Any
 Encoder = Callable[[Params, jax.Array], jax.Array]
 Data = tuple[Any, Any, Any, Any]
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
-        raise ValueError(f"PretrainConfig.{name} must be an integer >= {lo}, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"PretrainConfig.{name} must be one of (True, False), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +121,8 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("steps_per_layer", self.steps_per_layer, 1)
-        _check_int("batch_size", self.batch_size, 1)
+        check_int("PretrainConfig.steps_per_layer", self.steps_per_layer, 1)
+        check_int("PretrainConfig.batch_size", self.batch_size, 1)
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"PretrainConfig.optim must be an OptimConfig, got {self.optim!r}")
         if self.corruption not in CORRUPTIONS:
@@ -145,13 +136,13 @@ class PretrainConfig:
                 f"PretrainConfig.noise must be a finite number in [0, {hi}) for "
                 f"corruption={self.corruption!r}, got {self.noise!r}"
             )
-        _check_bool("tied", self.tied)
+        check_bool("PretrainConfig.tied", self.tied)
         if self.decoder_activation not in DECODER_ACTIVATIONS:
             raise ValueError(
                 f"PretrainConfig.decoder_activation must be one of {DECODER_ACTIVATIONS}, "
                 f"got {self.decoder_activation!r}"
             )
-        _check_int("seed", self.seed, 0)
+        check_int("PretrainConfig.seed", self.seed, 0)
 
 
 class LayerFit(NamedTuple):

@@ -1,10 +1,10 @@
 import atexit
 import importlib.util
 import os
-import shutil
-import tempfile
 import pathlib
+import shutil
 import sys
+import tempfile
 
 # The suite compiles far more than it runs. XLA's CPU backend at optimization level 1 compiles
 # about 25% faster and changes results by float rounding only (every assertion here has a

@@ -134,39 +134,6 @@ def test_test_set_independent_of_train_size():
     np.testing.assert_array_equal(a.x_test, b.x_test)
 
 
-def test_batches_cover_each_example_once_and_depend_on_seed_epoch_only():
-    n, bs = 23, 5
-    x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
-    y = np.arange(n, dtype=np.int32)
-    got = list(data.batches(x, y, bs, seed=0, epoch=2, drop_last=False))
-    assert [len(b[1]) for b in got] == [5, 5, 5, 5, 3]
-    seen = np.concatenate([b[1] for b in got])
-    assert sorted(seen.tolist()) == list(range(n))
-    np.testing.assert_array_equal(np.concatenate([b[0] for b in got])[:, 0], seen)  # x and y stay paired
-    assert len(list(data.batches(x, y, bs, seed=0, epoch=2))) == 4  # drop_last
-    again = np.concatenate([b[1] for b in data.batches(x, y, bs, seed=0, epoch=2, drop_last=False)])
-    np.testing.assert_array_equal(seen, again)  # a resumed run sees the same epoch
-    for seed, epoch in [(1, 2), (0, 3)]:
-        other = np.concatenate(
-            [b[1] for b in data.batches(x, y, bs, seed=seed, epoch=epoch, drop_last=False)]
-        )
-        assert not np.array_equal(seen, other)
-    ordered = np.concatenate([b[1] for b in data.batches(x, y, bs, seed=0, epoch=0, shuffle=False)])
-    np.testing.assert_array_equal(ordered, np.arange(20))
-
-
-def test_stacked_batches_match_batches():
-    x = np.random.default_rng(0).normal(size=(23, 2, 3)).astype(np.float32)
-    y = np.arange(23, dtype=np.int32)
-    xb, yb = data.stacked_batches(x, y, 5, seed=7, epoch=1)
-    assert xb.shape == (4, 5, 2, 3) and yb.shape == (4, 5)
-    for i, (xs, ys) in enumerate(data.batches(x, y, 5, seed=7, epoch=1)):
-        np.testing.assert_array_equal(xb[i], xs)
-        np.testing.assert_array_equal(yb[i], ys)
-    with pytest.raises(ValueError, match="exceeds"):
-        data.stacked_batches(x, y, 24, seed=0, epoch=0)
-
-
 def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="seq_len"):
         data.adding_problem(1, 10)
@@ -176,10 +143,6 @@ def test_bad_input_raises_value_error():
         data.copy_task(10, copy_len=0)
     with pytest.raises(ValueError, match="noise"):
         data.teacher_student(2, 2, noise=-1.0)
-    with pytest.raises(ValueError, match="batch_size"):
-        data.batches(np.zeros((4, 1)), np.zeros(4), 0, seed=0, epoch=0)
-    with pytest.raises(ValueError, match="same number"):
-        data.batches(np.zeros((4, 1)), np.zeros(3), 2, seed=0, epoch=0)
     with pytest.raises(ValueError, match="known datasets: adding, copy, digits"):
         data.load("cifar10")
     with pytest.raises(ValueError, match="bad arguments"):

@@ -228,9 +228,9 @@ def test_vanilla_rnn_step_is_the_textbook_formula():
 
 
 def test_bad_configurations_are_named():
-    with pytest.raises(ValueError, match="norm='group' is not one of"):
+    with pytest.raises(ValueError, match="norm must be one of .*got 'group'"):
         MLPStack(depth=2, width=4, norm="group")
-    with pytest.raises(ValueError, match="residual='dense' is not one of"):
+    with pytest.raises(ValueError, match="residual must be one of .*got 'dense'"):
         MLPStack(depth=2, width=4, residual="dense")
     with pytest.raises(ValueError, match="unknown activation 'tanhh'"):
         MLPStack(depth=2, width=4, activation="tanhh")
@@ -242,3 +242,24 @@ def test_bad_configurations_are_named():
         RNNStack(hidden=3).init(jax.random.key(0), jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="head='first'"):
         LSTMStack(hidden=3, head="first")
+
+
+def test_stack_config_fields_each_mean_one_thing():
+    from gradflow import theory
+    from gradflow.nn import StackConfig
+
+    x = jnp.ones((2, 400))
+    cfg = StackConfig(depth=2, width=400, init="gaussian", gain=2.0, sigma_b=0.5, num_outputs=3)
+    p = cfg.build().init(jax.random.key(0), x)["params"]["blocks"]["dense"]
+    assert float(jnp.std(p["kernel"])) == pytest.approx(2.0 / np.sqrt(400), rel=0.02)  # gain = sigma_w
+    assert float(jnp.std(p["bias"])) == pytest.approx(0.5, rel=0.1)  # sigma_b: the biases' std
+    crit = StackConfig(depth=2, width=400, init="critical", sigma_b=0.3, activation="tanh", num_outputs=3)
+    k = crit.build().init(jax.random.key(1), x)["params"]["blocks"]["dense"]["kernel"]
+    want = float(theory.critical_sigma_w("tanh", sigma_b=0.3))  # the edge of chaos for that sigma_b
+    assert float(jnp.std(k)) * np.sqrt(400) == pytest.approx(want, rel=0.02)
+    with pytest.raises(ValueError, match="gain does not apply"):
+        StackConfig(init="critical", gain=1.5)
+    with pytest.raises(ValueError, match="residual must be one of"):  # the module's own check
+        StackConfig(residual="dense")
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
+        StackConfig(kind="rnn", seq_len=0)

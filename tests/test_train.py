@@ -338,3 +338,18 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
         lay.names[int(mb["nonfinite_layer"])] == "conv2"
         and NONFINITE_KINDS[int(mb["nonfinite_kind"])] == "param"
     )
+
+
+def test_epoch_batches_are_a_pure_function_of_key_and_epoch():
+    n, bs = 23, 5
+    x = jnp.arange(n, dtype=jnp.float32)[:, None] * jnp.ones((1, 3))
+    y = jnp.arange(n, dtype=jnp.int32)
+    key = jax.random.key(4)
+    xb, yb = epoch_batches(x, y, key, 2, bs)
+    assert xb.shape == (4, 5, 3) and yb.shape == (4, 5)  # the remainder is dropped
+    seen = np.asarray(yb).ravel()
+    assert len(set(seen.tolist())) == 20  # no example twice
+    np.testing.assert_array_equal(np.asarray(xb)[..., 0].ravel(), seen)  # x and y stay paired
+    np.testing.assert_array_equal(epoch_batches(x, y, key, 2, bs)[1], yb)  # a resumed run: the same epoch
+    for k, e in ((key, 3), (jax.random.key(5), 2)):
+        assert not np.array_equal(epoch_batches(x, y, k, e, bs)[1], yb)

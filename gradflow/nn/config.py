@@ -7,7 +7,8 @@ import dataclasses
 import flax.linen as nn
 
 from gradflow import activations, initializers
-from gradflow.nn.mlp import NORMS, RESIDUALS, MLPStack
+from gradflow._checks import check_choice, check_int, check_real
+from gradflow.nn.mlp import MLPStack
 from gradflow.nn.recurrent import GRUStack, LSTMStack, RNNStack
 
 KINDS = ("mlp", "rnn", "lstm", "gru")
@@ -15,17 +16,21 @@ KINDS = ("mlp", "rnn", "lstm", "gru")
 
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
-    """A stack: `StackConfig(...).build()` returns the linen module.
+    """A stack: `StackConfig(...).build()` returns the linen module. Each field means one thing.
 
     Attributes:
-      kind: "mlp" (`MLPStack`), "rnn", "lstm" or "gru" (recurrent stacks; depth is then the
-        sequence length of the data they are used with, and width their hidden size).
-      depth: number of blocks of an MLP (>= 1).
-      width: hidden width (>= 1).
+      kind: "mlp" (`MLPStack`), "rnn", "lstm" or "gru" (recurrent stacks).
+      depth: number of blocks of an MLP (>= 1; not read by recurrent stacks).
+      seq_len: time steps a recurrent stack is unrolled for where gradflow makes the data (the
+        adding problem's T, the spectra input's length; >= 1; not read by MLPs).
+      width: the hidden state's size (an MLP's width, a recurrent cell's hidden units; >= 1).
       activation: a name from `gradflow.activations.names()` (MLP and RNN).
       init: kernel initializer, a name from `gradflow.initializers.names()`.
-      init_scale: sigma_w for "gaussian", the gain for the variance-scaling and orthogonal
-        initializers, sigma_b for "critical"; None for the initializer's default.
+      gain: multiplier of the kernel initializer's standard deviation (sigma_w for "gaussian",
+        the gain of the variance-scaling and orthogonal initializers); None for 1. Not for
+        "critical", whose sigma_w is the critical one.
+      sigma_b: standard deviation of the biases at initialization, N(0, sigma_b^2) (0: zero
+        biases); "critical" puts sigma_w on the order-to-chaos line for this sigma_b.
       norm: None, "batch" or "layer" (MLP).
       residual: None, "plain", "rezero", "skipinit" or "fixup" (MLP).
       dropout_rate: in [0, 1) (MLP).
@@ -34,45 +39,43 @@ class StackConfig:
 
     kind: str = "mlp"
     depth: int = 20
+    seq_len: int = 100
     width: int = 64
     activation: str = "tanh"
     init: str = "lecun_normal"
-    init_scale: float | None = None
+    gain: float | None = None
+    sigma_b: float = 0.0
     norm: str | None = None
     residual: str | None = None
     dropout_rate: float = 0.0
     num_outputs: int = 10
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
-        for name in ("depth", "width", "num_outputs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.activation not in activations.names():
-            raise ValueError(
-                f"activation={self.activation!r} is unknown; known: {', '.join(activations.names())}"
-            )
-        if self.init not in initializers.names():
-            raise ValueError(f"init={self.init!r} is unknown; known: {', '.join(initializers.names())}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
-        if self.residual not in RESIDUALS:
-            raise ValueError(f"residual={self.residual!r} is not one of {RESIDUALS}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        check_choice("kind", self.kind, KINDS)
+        for name in ("depth", "seq_len", "width", "num_outputs"):
+            check_int(name, getattr(self, name), 1)
+        check_choice("activation", self.activation, activations.names())
+        check_choice("init", self.init, initializers.names())
+        if self.gain is not None:
+            check_real("gain", self.gain, lo=0.0, lo_open=True)
+            if self.init == "critical":
+                raise ValueError("gain does not apply to init='critical' (its sigma_w is the critical one)")
+        check_real("sigma_b", self.sigma_b, lo=0.0)
+        self.build()  # the module checks its own fields (norm, residual, dropout_rate, ...)
 
     def kernel_init(self) -> initializers.Initializer:
         """The configured kernel initializer."""
         if self.init == "gaussian":
-            return initializers.get("gaussian", sigma_w=1.0 if self.init_scale is None else self.init_scale)
+            return initializers.get("gaussian", sigma_w=1.0 if self.gain is None else self.gain)
         if self.init == "critical":
-            return initializers.get("critical", activation=self.activation, sigma_b=self.init_scale or 0.0)
+            return initializers.get("critical", activation=self.activation, sigma_b=self.sigma_b)
         return (
-            initializers.get(self.init)
-            if self.init_scale is None
-            else initializers.get(self.init, gain=self.init_scale)
+            initializers.get(self.init) if self.gain is None else initializers.get(self.init, gain=self.gain)
         )
+
+    def bias_init(self) -> initializers.Initializer:
+        """The configured bias initializer: N(0, sigma_b^2), zeros for sigma_b = 0."""
+        return nn.initializers.zeros if self.sigma_b == 0 else nn.initializers.normal(self.sigma_b)
 
     def build(self) -> nn.Module:
         """The linen module."""
@@ -82,12 +85,18 @@ class StackConfig:
                 width=self.width,
                 activation=self.activation,
                 kernel_init=self.kernel_init(),
+                bias_init=self.bias_init(),
                 norm=self.norm,
                 residual=self.residual,
                 dropout_rate=self.dropout_rate,
                 num_outputs=self.num_outputs,
             )
-        common = {"hidden": self.width, "num_outputs": self.num_outputs, "kernel_init": self.kernel_init()}
+        common = {
+            "hidden": self.width,
+            "num_outputs": self.num_outputs,
+            "kernel_init": self.kernel_init(),
+            "bias_init": self.bias_init(),
+        }
         if self.kind == "rnn":
             return RNNStack(activation=self.activation, **common)
         return (LSTMStack if self.kind == "lstm" else GRUStack)(**common)

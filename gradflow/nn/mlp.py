@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
+from gradflow._checks import check_choice
 from gradflow.nn.chains import Chain, Segment, provides_chain
 from gradflow.nn.layers import PReLU, RReLU
 
@@ -43,11 +44,6 @@ PREACT = "preact"
 STATE = "state"
 RESIDUALS = (None, "plain", "rezero", "skipinit", "fixup")
 _MODULE_ACTIVATIONS = ("prelu", "rrelu")
-
-
-def _check_choice(field: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not one of {allowed}")
 
 
 def _check_activation(activation: str | Callable) -> None:
@@ -175,8 +171,8 @@ class MLPStack(nn.Module):
             raise ValueError(
                 f"MLPStack needs depth >= 1 and width >= 1, got depth={self.depth}, width={self.width}"
             )
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("residual", self.residual, RESIDUALS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("residual", self.residual, RESIDUALS)
         _check_activation(self.activation)
         if self.residual == "fixup" and self.norm is not None:
             raise ValueError("residual='fixup' replaces normalization; use norm=None")

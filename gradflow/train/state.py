@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from gradflow._checks import check_choice, check_int
 from gradflow.optim import OptimConfig
 
 TASKS = ("classification", "regression")
@@ -43,16 +44,6 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
     key: jax.Array
-
-
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
-        raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +74,12 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig("adam", 1e-3)
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, TASKS)
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("diagnostics_every", self.diagnostics_every, 0)
-        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        check_choice("TrainConfig.task", self.task, TASKS)
+        check_int("TrainConfig.epochs", self.epochs, 1)
+        check_int("TrainConfig.batch_size", self.batch_size, 1)
+        check_int("TrainConfig.seed", self.seed, 0)
+        check_int("TrainConfig.diagnostics_every", self.diagnostics_every, 0)
+        check_choice("TrainConfig.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"TrainConfig.optim must be an OptimConfig, got {self.optim!r}")
 
