@@ -116,8 +116,8 @@ def run_config(name: str, depth: int, width: int, arrays: tuple, epochs: int, se
         diagnostics_every=steps,  # one record per epoch: its first step (epoch 0: the init)
         optim=OptimConfig("momentum", LR, momentum=0.9),
     )
-    res = train.train(model, cfg, arrays, progress=False)
-    # The same initial parameters train() drew (init key and example batch as it does).
+    res = train.fit(model, cfg, arrays, progress=False)
+    # The same initial parameters fit() drew (init key and example batch as it does).
     init = train.init_state(model, make_optimizer(cfg.optim), train.run_keys(seed)[0], arrays[0][:BATCH])
     w0 = init.params["blocks"]
     change = _block_norms(jax.tree.map(lambda a, b: a - b, res.state.params["blocks"], w0)) / _block_norms(w0)

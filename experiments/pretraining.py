@@ -98,7 +98,7 @@ def pretrain_config(steps: int, batch_size: int, seed: int) -> PretrainConfig:
 
 
 def initial_params(model: MLPStack, x_example: np.ndarray, seed: int) -> dict:
-    """The parameters `gradflow.train.train` starts from with this seed (both arms start here)."""
+    """The parameters `gradflow.train.fit` starts from with this seed (both arms start here)."""
     init_key, _ = run_keys(seed)
     return init_state(model, optax.identity(), init_key, x_example).params
 

@@ -252,7 +252,7 @@ def run_train(cmd: Train) -> int:
             cmd.model, num_outputs=1 if task == "regression" else ds.num_classes
         ).build()
     cfg = dataclasses.replace(cmd.train, task=task)
-    result = train.train(
+    result = train.fit(
         model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), run_dir=cmd.out, resume=cmd.resume
     )
     plots.train_run_figures(result.history, cmd.out)
@@ -298,7 +298,8 @@ def run_sweep(cmd: Sweep) -> int:
 
 
 def run_atlas(cmd: Atlas) -> int:
-    from gradflow import atlas, report
+    from gradflow import atlas
+    from gradflow.atlas import report
 
     cfg = dataclasses.replace(cmd.config, grid="full") if cmd.full else cmd.config
     t0 = time.perf_counter()
@@ -310,7 +311,8 @@ def run_atlas(cmd: Atlas) -> int:
 
 
 def run_report(cmd: Report) -> int:
-    from gradflow import plots, report
+    from gradflow import plots
+    from gradflow.atlas import report
 
     run_dir = pathlib.Path(cmd.run_dir)
     if not run_dir.is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +197,24 @@ def get(name: str, **params) -> Initializer:
         return _NAMED[canonical](**params)
     except TypeError as e:
         raise ValueError(f"initializer {name!r}: bad parameters {params}: {e}") from None
+
+
+def chrono_lstm(cell_params: Any, t_max: int, key: jax.Array) -> Any:
+    """Chrono initialization of a flax `LSTMCell`'s gates (Tallec & Ollivier 2018).
+
+    Forget-gate biases log U(1, t_max - 1) and input-gate biases their negatives, so that the
+    cell keeps its memory for ~t_max steps at initialization (the gated path through c that
+    lets an LSTM carry gradients through time). A transform of the cell's initialized params
+    ("hf", "hi": flax's gate names), not an `init(key, shape)`: flax gives every gate the same
+    `bias_init`, and chrono ties two gates to one draw. With an `LSTMStack`:
+    `stack.with_cell_params(variables, chrono_lstm(stack.cell_params(variables), T, key))`.
+
+    Args:
+      cell_params: the LSTMCell's params.
+      t_max: the longest memory wanted, in time steps (>= 2).
+      key: for the uniform draw.
+    """
+    b = jnp.log(
+        jax.random.uniform(key, cell_params["hf"]["bias"].shape, minval=1.0, maxval=max(t_max - 1, 2))
+    )
+    return {**cell_params, "hf": {**cell_params["hf"], "bias": b}, "hi": {**cell_params["hi"], "bias": -b}}

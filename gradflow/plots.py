@@ -63,7 +63,7 @@ def grad_norm_profiles(
 
 
 def train_run_figures(history: Sequence[dict], out: str | pathlib.Path) -> list[pathlib.Path]:
-    """Loss curve and per-layer gradient-norm heatmap of a `gradflow.train.train` run's records."""
+    """Loss curve and per-layer gradient-norm heatmap of a `gradflow.train.fit` run's records."""
     out = pathlib.Path(out)
     paths = []
     if not history:

@@ -46,7 +46,7 @@ depend on the depth or on `num_layers`.
 Supported: `MLPStack` with norm=None and residual=None (plain blocks), and linen models whose
 layers hold kernels; dropout is off during pretraining (the encoder runs deterministically).
 Fine-tuning: `finetune` runs the ordinary trainer (`gradflow.train.make_train_epoch`) from the
-given parameters, since `gradflow.train.train` always initializes its own.
+given parameters, since `gradflow.train.fit` always initializes its own.
 """
 
 from __future__ import annotations
@@ -463,7 +463,7 @@ def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> 
     """Train `model` from `params` with the ordinary trainer; the whole run is one jitted scan.
 
     The same steps, batches (`epoch_batches` with `run_keys(cfg.seed)`) and dropout keys as
-    `gradflow.train.train` with this `cfg`, but starting from the given parameters (a fresh
+    `gradflow.train.fit` with this `cfg`, but starting from the given parameters (a fresh
     optimizer state) and without records on disk. Models without BatchNorm only.
 
     Args:

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from gradflow import atlas, report
-from gradflow.atlas import Case, RecurrentCase
+from gradflow import atlas
+from gradflow.atlas import Case, RecurrentCase, report, runner
+from gradflow.atlas.runner import _groups
 
 CASES = (
     [
@@ -69,8 +70,8 @@ def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monke
     def boom(*args, **kwargs):
         raise AssertionError("recomputed a finished configuration")
 
-    monkeypatch.setattr(atlas, "_measure_group", boom)
-    monkeypatch.setattr(atlas, "_measure_recurrent", boom)
+    monkeypatch.setattr(runner, "_measure_group", boom)
+    monkeypatch.setattr(runner, "_measure_recurrent", boom)
     again = atlas.run(cfg, out, progress=False, only=CASES)
     assert [r["name"] for r in again] == list(rows)
 
@@ -104,7 +105,7 @@ def test_default_grid_covers_every_axis_value():
         expected = set(getattr(cfg, axis + "s"))
         assert values == expected, axis
     assert {c.cell for c in rec} == set(cfg.cells)
-    assert len(atlas._groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
+    assert len(_groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
     full, _ = atlas.cases(atlas.AtlasConfig(grid="full"))
     assert len(full) == 7 * 6 * 4 * 3
 

@@ -17,12 +17,12 @@ from gradflow.train import (
     Hparams,
     SweepPoint,
     TrainConfig,
+    fit,
     grid,
     init_variables,
     run_keys,
     sweep,
     sweep_points,
-    train,
 )
 
 
@@ -80,7 +80,7 @@ def test_vmapped_sweep_equals_the_per_config_loop():
         model = p.model
         if p.weight_scale != 1.0:  # the loop's model draws the scaled kernels itself
             model = model.clone(kernel_init=_scaled(nn.initializers.lecun_normal(), p.weight_scale))
-        ref = train(model, p.cfg, data)
+        ref = fit(model, p.cfg, data)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), r["params"], ref.state.params
         )

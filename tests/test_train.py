@@ -20,12 +20,12 @@ from gradflow.train import (
     NONFINITE_KINDS,
     TrainConfig,
     epoch_batches,
+    fit,
     init_state,
     make_train_epoch,
     make_train_step,
     run_keys,
     summarize_epoch,
-    train,
 )
 from gradflow.train import layout as train_layout
 
@@ -130,7 +130,7 @@ def test_deep_relu_trains_while_deep_sigmoid_stays_at_chance():
     acc, ratio = {}, {}
     for act, init in [("relu", gi.he_normal()), ("sigmoid", gi.lecun_normal())]:
         model = MLPStack(depth=12, width=24, activation=act, kernel_init=init, num_outputs=4)
-        result = train(model, cfg, data, progress=False)
+        result = fit(model, cfg, data, progress=False)
         acc[act] = result.test["accuracy"]
         g = result.history[0]["grad_norm"]
         ratio[act] = g[0] / g[-1]
@@ -147,7 +147,7 @@ def test_clipping_keeps_an_exploding_net_finite_and_stop_keeps_earlier_records(t
     base = dict(task="regression", epochs=10, batch_size=64, diagnostics_every=0)
     unclipped = TrainConfig(**base, optim=OptimConfig("sgd", 0.5))
     clipped = TrainConfig(**base, optim=OptimConfig("sgd", 0.5, clip="global_norm", clip_value=1.0))
-    r = train(model, unclipped, (x, y, x, y), run_dir=tmp_path / "unclipped")
+    r = fit(model, unclipped, (x, y, x, y), run_dir=tmp_path / "unclipped")
     assert r.stopped and r.nonfinite is not None
     stop_epoch = r.nonfinite["epoch"]
     assert 1 <= stop_epoch < 9 and len(r.history) == stop_epoch + 1
@@ -158,7 +158,7 @@ def test_clipping_keeps_an_exploding_net_finite_and_stop_keeps_earlier_records(t
     assert all(
         jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(r.state.params)
     )  # last finite state
-    c = train(model, clipped, (x, y, x, y))
+    c = fit(model, clipped, (x, y, x, y))
     assert not c.stopped and c.nonfinite is None and len(c.history) == 10
     assert np.isfinite(c.test["loss"]) and c.history[-1]["loss"] < c.history[0]["loss"]
 
@@ -253,12 +253,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         import os, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from case import build
-        from gradflow.train import train
+        from gradflow.train import fit
         model, cfg, data = build()
         def die(epoch, record):
             if epoch == 1:
                 os._exit(3)  # killed after epoch 1's checkpoint: no cleanup, no flush
-        train(model, cfg, data, run_dir={str(run_dir)!r}, callback=die)
+        fit(model, cfg, data, run_dir={str(run_dir)!r}, callback=die)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -271,8 +271,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     model, cfg, data = build()
-    resumed = train(model, cfg, data, run_dir=run_dir)
-    whole = train(model, cfg, data)
+    resumed = fit(model, cfg, data, run_dir=run_dir)
+    whole = fit(model, cfg, data)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, whole.state.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.batch_stats, whole.state.batch_stats)
@@ -282,7 +282,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
     with pytest.raises(ValueError, match="another config"):
-        train(model, TrainConfig(epochs=5), data, run_dir=run_dir)
+        fit(model, TrainConfig(epochs=5), data, run_dir=run_dir)
 
 
 class _UserCNN(nn.Module):

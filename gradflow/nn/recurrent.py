@@ -57,6 +57,16 @@ class _RecurrentStack(nn.Module):
     def _unflatten(self, s: jax.Array) -> Any:
         return s
 
+    @nn.nowrap
+    def cell_params(self, variables: Any) -> Any:
+        """The cell's own params (a flax cell's: e.g. an LSTM's gates "hf", "hi", ...)."""
+        return variables["params"]["cell"]
+
+    @nn.nowrap
+    def with_cell_params(self, variables: Any, cell: Any) -> Any:
+        """A copy of `variables` with the cell's params replaced by `cell`."""
+        return {**variables, "params": {**variables["params"], "cell": cell}}
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if x.ndim != 3:

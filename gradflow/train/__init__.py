@@ -4,8 +4,8 @@ from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
 from gradflow.train.diagnostics import Layout as Layout
 from gradflow.train.diagnostics import layout as layout
 from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
-from gradflow.train.run import Result as Result
-from gradflow.train.run import train as train
+from gradflow.train.run import TrainResult as TrainResult
+from gradflow.train.run import fit as fit
 from gradflow.train.state import TrainConfig as TrainConfig
 from gradflow.train.state import TrainState as TrainState
 from gradflow.train.state import init_state as init_state

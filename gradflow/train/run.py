@@ -1,6 +1,6 @@
 """The run loop: epochs of the jitted scan, records on disk as they happen, exact resume.
 
-`train(model, cfg, data, run_dir=...)` writes under `run_dir`:
+`fit(model, cfg, data, run_dir=...)` writes under `run_dir`:
 
 - `config.json`: the `TrainConfig` and the model's fields (written once; a resumed run must
   have the same ones, else ValueError);
@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gradflow.optim import make_optimizer
+from gradflow.store import RunStore
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
@@ -48,7 +47,7 @@ Data = tuple[Any, Any, Any, Any]
 
 
 @dataclasses.dataclass
-class Result:
+class TrainResult:
     """What `train` returns.
 
     Attributes:
@@ -96,31 +95,13 @@ def _model_dict(model: nn.Module) -> dict:
 
 
 class _Store:
-    """config.json, metrics.jsonl and orbax checkpoints of one run directory."""
+    """A run directory: config.json and metrics.jsonl (`gradflow.store.RunStore`, shared with
+    the atlas) and the orbax checkpoints of the `TrainState`."""
 
     def __init__(self, run_dir: Path, config: dict, resume: bool):
-        self.dir = run_dir
-        self.metrics = run_dir / "metrics.jsonl"
-        ckpt_dir = run_dir / "checkpoints"
-        config_path = run_dir / "config.json"
-        if not resume:
-            for p in (ckpt_dir, self.metrics, config_path):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config_path.exists():
-            old = json.loads(config_path.read_text())
-            if old != config:
-                raise ValueError(
-                    f"run_dir {str(run_dir)!r} holds a run with another config; use a new run_dir "
-                    f"or resume=False to overwrite.\nstored: {old}\nnew:    {config}"
-                )
-        else:
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.runs = RunStore(run_dir, config, on_mismatch="error", fresh=not resume, clear=("checkpoints",))
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(ckpt_dir.absolute(), options=options)
+        self.manager = ocp.CheckpointManager((Path(run_dir) / "checkpoints").absolute(), options=options)
 
     @staticmethod
     def _tree(state: TrainState, done: Any) -> dict:
@@ -134,7 +115,8 @@ class _Store:
 
     def restore(self, template: TrainState) -> tuple[TrainState, bool, int, list[dict]] | None:
         epoch = self.manager.latest_step()
-        if epoch is None:
+        if epoch is None:  # nothing finished: records of epochs without a checkpoint are redone
+            self.runs.rewrite("metrics", [])
             return None
         target = self._tree(template, False)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
@@ -146,21 +128,17 @@ class _Store:
         state = state._replace(
             key=jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(template.key))
         )
-        history = []
-        if self.metrics.exists():
-            lines = [json.loads(s) for s in self.metrics.read_text().splitlines() if s.strip()]
-            history = [r for r in lines if r["epoch"] <= epoch]
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+        # an epoch whose checkpoint never landed is redone: its record goes
+        history = [r for r in self.runs.records("metrics") if r["epoch"] <= epoch]
+        self.runs.rewrite("metrics", history)
         return state, bool(restored["done"]), int(epoch), history
 
     def append(self, record: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.runs.append("metrics", record)
 
     def close(self) -> None:
         self.manager.close()
+        self.runs.close()
 
 
 def _record(epoch: int, summary: dict, test: dict, names: list[str], seconds: float) -> dict:
@@ -236,7 +214,7 @@ def _static(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, seed=0, epochs=1, optim=optim)
 
 
-def train(
+def fit(
     model: nn.Module,
     cfg: TrainConfig,
     data: Data,
@@ -245,7 +223,7 @@ def train(
     resume: bool = True,
     progress: bool | None = None,
     callback: Callable[[int, dict], None] | None = None,
-) -> Result:
+) -> TrainResult:
     """Train `model` for `cfg.epochs` epochs (one jitted `lax.scan` per epoch).
 
     Args:
@@ -262,7 +240,7 @@ def train(
         on disk (e.g. to stop a run from outside).
 
     Returns:
-      A `Result`.
+      A `TrainResult`.
     """
     x_train, y_train, x_test, y_test = data
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
@@ -333,7 +311,7 @@ def train(
         test = {
             k: float(v) for k, v in jax.device_get(evaluate(model, state, x_test, y_test, static)).items()
         }
-    return Result(
+    return TrainResult(
         state=state,
         history=history,
         test=test,

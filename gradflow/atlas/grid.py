@@ -1,0 +1,175 @@
+"""The atlas's grid: its axes, `AtlasConfig`, the configurations (`cases`) and their weight scales
+and mean-field predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from gradflow import theory
+from gradflow._checks import check_subset
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
+
+
+INITS = ("naive_small", "naive_large", "glorot", "he", "orthogonal", "critical")
+
+
+ARCHS = ("plain", "batchnorm", "layernorm", "rezero")
+
+
+CELLS = ("rnn", "rnn_orthogonal", "lstm", "lstm_chrono", "gru")
+
+
+GRIDS = ("default", "full")
+
+
+_ARCH_FIELDS = {
+    "plain": {},
+    "batchnorm": {"norm": "batch"},
+    "layernorm": {"norm": "layer"},
+    "rezero": {"residual": "rezero"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AtlasConfig:
+    """What the atlas measures.
+
+    Attributes:
+      grid: "default" (a curated grid that covers every value of every axis and finishes in a
+        few minutes on a 2-core CPU) or "full" (the whole cross product of the axes below: a
+        GPU-sized run).
+      activations, inits, archs, depths: the axes of the feed-forward grid.
+      cells, seq_lens: recurrent cells (through time, on adding-problem sequences) and lengths.
+      width: hidden width of the MLPs (and of the recurrent cells).
+      epochs, batch_size, lr, train_samples: the short training run (Adam) on MNIST-1D;
+        epochs=0 measures at initialization only.
+      spectra_batch: batch size of the BatchNorm batch map whose Jacobian is measured.
+      seed: seed of data, initialization and shuffling.
+    """
+
+    grid: str = "default"
+    activations: tuple[str, ...] = ACTIVATIONS
+    inits: tuple[str, ...] = INITS
+    archs: tuple[str, ...] = ARCHS
+    depths: tuple[int, ...] = (10, 50, 200)
+    cells: tuple[str, ...] = CELLS
+    seq_lens: tuple[int, ...] = (200,)
+    width: int = 32
+    epochs: int = 2
+    batch_size: int = 50
+    lr: float = 1e-3
+    train_samples: int = 2000
+    spectra_batch: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid={self.grid!r} is not one of {GRIDS}")
+        check_subset("activations", self.activations, ACTIVATIONS)
+        check_subset("inits", self.inits, INITS)
+        check_subset("archs", self.archs, ARCHS)
+        check_subset("cells", self.cells, CELLS)
+        for name in ("depths", "seq_lens"):
+            values = getattr(self, name)
+            if not values or any(int(v) < 2 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of integers >= 2, got {values}")
+        if int(self.epochs) < 0:
+            raise ValueError(f"epochs must be >= 0 (0 skips training), got {self.epochs}")
+        for name in ("width", "batch_size", "train_samples", "spectra_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_samples < 10 * self.batch_size // 8:
+            raise ValueError(f"train_samples={self.train_samples} leaves no full batch of {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One feed-forward configuration."""
+
+    activation: str
+    init: str
+    arch: str
+    depth: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.activation}-{self.init}-{self.arch}-L{self.depth}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentCase:
+    """One recurrent configuration (gradients through time)."""
+
+    cell: str
+    seq_len: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}-T{self.seq_len}"
+
+
+def cases(cfg: AtlasConfig) -> tuple[list[Case], list[RecurrentCase]]:
+    """The configurations of `cfg`'s grid (feed-forward, recurrent)."""
+    rec = [RecurrentCase(c, int(t)) for c in cfg.cells for t in cfg.seq_lens]
+    if cfg.grid == "full":
+        ff = [
+            Case(a, i, arch, int(d))
+            for arch in cfg.archs
+            for a in cfg.activations
+            for d in cfg.depths
+            for i in cfg.inits
+        ]
+        return ff, rec
+    # The default grid (18 compiled programs, one per group of `_groups`): every activation x
+    # Gaussian init at the middle depth, orthogonal for tanh and relu; the classic cases at the
+    # other depths; BatchNorm, LayerNorm and ReZero for relu/He at the deepest.
+    depths = sorted(int(d) for d in cfg.depths)
+    mid, deep = depths[len(depths) // 2], depths[-1]
+    ff: list[Case] = [
+        Case(a, i, "plain", mid)
+        for a in cfg.activations
+        for i in cfg.inits
+        if i != "orthogonal" or a in ("tanh", "relu")
+    ]
+    classic = [("sigmoid", "naive_small"), ("sigmoid", "glorot"), ("tanh", "orthogonal")]
+    classic += [("relu", "he"), ("relu", "glorot"), ("relu", "naive_large")]
+    ff += [Case(a, i, "plain", d) for d in depths if d != mid for a, i in classic]
+    ff += [Case("relu", "he", arch, deep) for arch in ("batchnorm", "layernorm", "rezero")]
+    keep = [c for c in ff if c.activation in cfg.activations and c.init in cfg.inits and c.arch in cfg.archs]
+    return list(dict.fromkeys(keep)), rec
+
+
+def sigma_w(activation: str, init: str, width: int) -> float:
+    """The weight scale sigma_w (Var W = sigma_w^2 / fan_in) of an initialization at `width`.
+
+    naive_small / naive_large: N(0, 0.01^2) and N(0, 1) whatever the width (the classic naive
+    choices); glorot: 2 / (fan_in + fan_out) = 1 / width for square layers; he: 2 / fan_in;
+    critical and orthogonal: the order-to-chaos value chi_1 = 1 at sigma_b = 0
+    (`theory.critical_sigma_w`; orthogonal weights are scaled by it).
+    """
+    if init == "naive_small":
+        return 0.01 * math.sqrt(width)
+    if init == "naive_large":
+        return math.sqrt(width)
+    if init == "glorot":
+        return 1.0
+    if init == "he":
+        return math.sqrt(2.0)
+    return float(theory.critical_sigma_w(activation, 0.0))
+
+
+def mean_field_rate(case: Case, width: int) -> float | None:
+    """Predicted log mean squared singular value of J_l per layer (None where no theory applies)."""
+    if case.arch == "rezero":
+        return 0.0  # alpha = 0 at init: every block is the identity
+    if case.arch == "batchnorm":
+        return float(jnp.log(theory.batchnorm_gradient_growth(case.activation)))
+    if case.arch == "layernorm":
+        return None
+    return float(jnp.log(theory.chi1(case.activation, sigma_w(case.activation, case.init, width), 0.0)))

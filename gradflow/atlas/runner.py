@@ -1,0 +1,122 @@
+"""Running the atlas: every group measured (compiles in a small thread pool), each row and array
+written to the run store as it is produced, a rerun skipping what is already there."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow import data, store
+from gradflow.atlas.grid import AtlasConfig, Case, RecurrentCase, cases
+from gradflow.atlas.measure import _InitCache, _measure_group, _measure_recurrent
+
+
+def _workers() -> int:
+    """Groups measured concurrently: one per CPU core (at most 4), or GRADFLOW_ATLAS_WORKERS."""
+    env = os.environ.get("GRADFLOW_ATLAS_WORKERS")
+    return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
+
+
+def _groups(ff: list[Case]) -> list[list[Case]]:
+    """Cases that share a compiled program: same activation, arch, depth and weight family."""
+    out: dict[tuple, list[Case]] = {}
+    for c in ff:
+        out.setdefault((c.activation, c.arch, c.depth, c.init == "orthogonal"), []).append(c)
+    return list(out.values())
+
+
+def run(
+    cfg: AtlasConfig,
+    out: str | pathlib.Path = "runs/atlas",
+    *,
+    progress: bool | None = None,
+    on_row: Callable[[dict], None] | None = None,
+    only: tuple[Sequence[Case], Sequence[RecurrentCase]] | None = None,
+) -> list[dict]:
+    """Measure every configuration of `cfg`, writing results as it goes, and return the rows.
+
+    Writes `out/config.json`, appends one JSON line per configuration to `out/results.jsonl`,
+    and saves per-group arrays to `out/arrays/<group>.npz` (per-layer log singular values and
+    per-layer gradient norms). Rows already in results.jsonl for the same config are reused.
+    `only` replaces the grid by explicit (feed-forward, recurrent) cases.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    config = dataclasses.asdict(cfg)
+    if only is not None:
+        config["only"] = [c.name for c in (*only[0], *only[1])]
+    runs = store.RunStore(out, config, on_mismatch="restart")
+    done = {row["name"]: row for row in runs.records("results")}
+
+    try:
+        ff, rec = cases(cfg) if only is None else (list(only[0]), list(only[1]))
+        groups = _groups(ff)
+        ds = data.mnist1d(seed=cfg.seed, num_samples=int(cfg.train_samples / 0.8))
+        if progress is None:
+            import sys
+
+            progress = sys.stdout.isatty()
+        rows: list[dict] = []
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            disable=not progress,
+        )
+        with bar:
+            task = bar.add_task("atlas", total=len(ff) + len(rec))
+
+            def emit(row: dict) -> None:
+                rows.append(row)
+                if row["name"] not in done:
+                    runs.append("results", row)
+                if on_row is not None:
+                    on_row(row)
+                bar.update(task, advance=1, description=f"atlas: {row['name']} -> {row['label']}")
+
+            # XLA compiles one program per group and most of the atlas's time is compilation, which
+            # releases the GIL: groups run in a small thread pool so every core compiles. Results
+            # are emitted (and written) in grid order as each group finishes.
+            todo = [(i, g) for i, g in enumerate(groups) if not all(c.name in done for c in g)]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=_workers()) as pool:
+                inits = _InitCache(cfg.seed, jnp.asarray(ds.x_train[: cfg.batch_size]))
+                futures = {i: pool.submit(_measure_group, g, cfg, ds, inits) for i, g in todo}
+                for i, group in enumerate(groups):
+                    if i not in futures:
+                        for c in group:
+                            emit(done[c.name])
+                        continue
+                    group_rows, arrays = futures[i].result()
+                    runs.save_arrays(f"ff_{i:03d}", **arrays)
+                    for row in group_rows:
+                        emit(row)
+            for i, case in enumerate(rec):
+                if case.name in done:
+                    emit(done[case.name])
+                    continue
+                row, arrays = _measure_recurrent(case, cfg)
+                runs.save_arrays(f"rec_{i:03d}", **arrays)
+                emit(row)
+        return rows
+    finally:
+        runs.close()
+
+
+def load_rows(out: str | pathlib.Path) -> list[dict]:
+    """The rows of a finished (or interrupted) atlas run in `out`."""
+    path = pathlib.Path(out) / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no atlas results at {path} (run `gradflow atlas --out {out}` first)")
+    return store.read_records(out, "results")
+
+
+def load_arrays(out: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Every per-configuration array of an atlas run, keyed "<name>/log_sv" and "<name>/grad_norm"."""
+    return store.load_arrays(out)
