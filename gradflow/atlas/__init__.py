@@ -38,3 +38,23 @@ from gradflow.atlas.runner import run as run
 from gradflow.atlas.verdict import ISOMETRIC_SPREAD as ISOMETRIC_SPREAD
 from gradflow.atlas.verdict import VERDICT_RULE as VERDICT_RULE
 from gradflow.atlas.verdict import verdict as verdict
+
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHS",
+    "CELLS",
+    "GRIDS",
+    "INITS",
+    "AtlasConfig",
+    "Case",
+    "RecurrentCase",
+    "cases",
+    "mean_field_rate",
+    "sigma_w",
+    "load_arrays",
+    "load_rows",
+    "run",
+    "ISOMETRIC_SPREAD",
+    "VERDICT_RULE",
+    "verdict",
+]

@@ -4,6 +4,10 @@ from gradflow.nn.chains import Chain as Chain
 from gradflow.nn.chains import Segment as Segment
 from gradflow.nn.chains import chain as chain
 from gradflow.nn.chains import cut as cut
+from gradflow.nn.chains import layer_map as layer_map
+from gradflow.nn.chains import layer_variables as layer_variables
+from gradflow.nn.chains import provides_chain as provides_chain
+from gradflow.nn.chains import with_layer_variables as with_layer_variables
 from gradflow.nn.config import KINDS as KINDS
 from gradflow.nn.config import StackConfig as StackConfig
 from gradflow.nn.layers import Maxout as Maxout
@@ -16,3 +20,26 @@ from gradflow.nn.mlp import MLPStack as MLPStack
 from gradflow.nn.recurrent import GRUStack as GRUStack
 from gradflow.nn.recurrent import LSTMStack as LSTMStack
 from gradflow.nn.recurrent import RNNStack as RNNStack
+
+__all__ = [
+    "Chain",
+    "Segment",
+    "chain",
+    "cut",
+    "layer_map",
+    "layer_variables",
+    "provides_chain",
+    "with_layer_variables",
+    "KINDS",
+    "StackConfig",
+    "Maxout",
+    "PReLU",
+    "RReLU",
+    "NORMS",
+    "RESIDUALS",
+    "Block",
+    "MLPStack",
+    "GRUStack",
+    "LSTMStack",
+    "RNNStack",
+]

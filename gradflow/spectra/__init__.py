@@ -6,3 +6,12 @@ from gradflow.spectra.core import log_singular_values as log_singular_values
 from gradflow.spectra.core import lyapunov_exponents as lyapunov_exponents
 from gradflow.spectra.core import model_spectra as model_spectra
 from gradflow.spectra.result import SpectraResult as SpectraResult
+
+__all__ = [
+    "chain_spectra",
+    "jacobian_spectra",
+    "log_singular_values",
+    "lyapunov_exponents",
+    "model_spectra",
+    "SpectraResult",
+]

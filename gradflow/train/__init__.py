@@ -22,7 +22,32 @@ from gradflow.train.sweep import Hparams as Hparams
 from gradflow.train.sweep import SweepPoint as SweepPoint
 from gradflow.train.sweep import SweepResult as SweepResult
 from gradflow.train.sweep import grid as grid
-from gradflow.train.sweep import make_run as make_run
-from gradflow.train.sweep import scale_kernels as scale_kernels
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points
+
+__all__ = [
+    "NONFINITE_KINDS",
+    "Layout",
+    "layout",
+    "step_diagnostics",
+    "TrainResult",
+    "fit",
+    "TrainConfig",
+    "TrainState",
+    "init_state",
+    "init_variables",
+    "run_keys",
+    "LAYER_DIAGNOSTICS",
+    "epoch_batches",
+    "evaluate",
+    "make_train_epoch",
+    "make_train_step",
+    "summarize_epoch",
+    "task_loss",
+    "Hparams",
+    "SweepPoint",
+    "SweepResult",
+    "grid",
+    "sweep",
+    "sweep_points",
+]
