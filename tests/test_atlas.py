@@ -118,3 +118,31 @@ def test_verdict_rule():
     assert atlas.verdict(0.0, 0.0, 5.0) == "healthy (near-isometric)"
     assert atlas.verdict(0.0, 0.0, math.inf) == "healthy (spreads)"
     assert atlas.verdict(float("-inf"), None, math.inf, overflow=True) == "exploding (activations overflow)"
+
+
+def test_report_numbers_are_the_records_numbers(atlas_run):
+    # every number of report.md's verdict table, parsed back, equals the stored row it came from
+    _, out, _ = atlas_run
+    report.build(out, seconds=1.0)
+    md = (out / "report.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(md) if line.startswith("| configuration"))
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")] for line in md[header + 2 :] if line.startswith("|")
+    ]
+    rows = {r["name"]: r for r in atlas.load_rows(out)}
+    assert sorted(c[0] for c in cells) == sorted(rows)
+    keys = [k for k, _ in report.COLUMNS]
+    for c in cells:
+        row = rows[c[0]]
+        for key, text in zip(keys[1:], c[1:]):
+            want = row.get(key)
+            if key == "log10_grad_ratio":
+                want = None if row.get("log_grad_ratio") is None else row["log_grad_ratio"] / math.log(10.0)
+            if key == "final_accuracy" and row.get("diverged"):
+                assert text == "diverged"
+            elif want is None:
+                assert text == "-", (c[0], key)
+            elif isinstance(want, str):
+                assert text == want
+            else:  # printed to 3 significant digits (accuracy: 3 decimals)
+                assert float(text) == pytest.approx(want, rel=5e-3, abs=5e-4), (c[0], key, text, want)
