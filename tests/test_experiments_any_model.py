@@ -67,3 +67,72 @@ def test_rank_collapse_without_residuals_and_spectra_against_float64(tmp_path, l
         for l, jac in enumerate(jacs):
             s = np.linalg.svd(np.asarray(jac).reshape(jac.shape[0], -1), compute_uv=False)
             np.testing.assert_allclose(got[l], np.log(s), atol=2e-3)
+
+
+def test_resnet_spectra_at_init_and_trained_against_float64(tmp_path, load_experiment):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from flax import serialization
+
+    from gradflow import data, spectra
+    from gradflow.numerics import x64
+
+    exp = load_experiment("resnet_spectra")
+    q = exp.QUICK
+    result = exp.run(**q, out=tmp_path, verbose=False)
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    layers = ["Conv_0", "BatchNorm_0", "ResBlock_0", "ResBlock_1", "Dense_0"]
+    assert result["init_forward"]["layers"] == layers == result["diagnostic_layers"]
+    # trained by the trainer on the same cuts (BatchNorm's statistics updated), well above chance
+    assert result["test_accuracy"] > 0.3 and np.all(np.isfinite(result["grad_norm_first_epoch"]))
+    # rank bounds: 64 input pixels forward, 10 classes backward
+    assert result["trained_forward"]["rank"] == [64, 64, 64, 64, 10]
+    assert result["trained_backward"]["rank"] == [10] * 5
+    # the oracle: the layers composed by hand in float64 (running statistics), jacfwd / jacrev + SVD
+    ds = data.digits(seed=0)
+    x = jnp.asarray(np.asarray(ds.x_test[:1], np.float64).reshape(1, 8, 8, 1))
+    model = exp.ResNet(tuple(q["widths"]), q["blocks"])
+    template = model.init(jax.random.key(0), x.astype(np.float32))
+    variables = serialization.from_bytes(template, (tmp_path / "trained_variables.msgpack").read_bytes())
+    with x64():
+        v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        sub = lambda name: {k: v[k][name] for k in v if name in v[k]}  # noqa: E731
+        maps = [
+            lambda h: nn.Conv(q["widths"][0], (3, 3)).apply(sub("Conv_0"), h),
+            lambda h: nn.BatchNorm(use_running_average=True).apply(sub("BatchNorm_0"), h),
+            lambda h: exp.ResBlock(q["widths"][0]).apply(sub("ResBlock_0"), jax.nn.relu(h)),
+            lambda h: exp.ResBlock(q["widths"][1], strides=2).apply(sub("ResBlock_1"), h),
+            lambda h: nn.Dense(10).apply(sub("Dense_0"), h.mean(axis=(1, 2))),
+        ]
+
+        def states(h):
+            out = []
+            for f in maps:
+                h = f(h)
+                out.append(h)
+            return out
+
+        hs = states(x)
+        fwd = jax.jit(jax.jacfwd(lambda h: [s.ravel() for s in states(h)]))(x)
+        got_f = spectra.SpectraResult.load(tmp_path / "spectra_trained_forward.npz").log_singular_values
+        got_b = spectra.SpectraResult.load(tmp_path / "spectra_trained_backward.npz").log_singular_values
+
+        def check(got, s):
+            # float32 resolves what lies above its rounding of the largest value; exact zeros of
+            # the float64 product (dead units) must come out below that floor too
+            resolved = s > 1e-5 * s[0]
+            np.testing.assert_allclose(got[: len(s)][resolved], np.log(s[resolved]), atol=2e-3)
+            assert np.all(got[: len(s)][~resolved] < np.log(1e-5 * s[0]))
+
+        for l in range(5):
+            s = np.linalg.svd(np.asarray(fwd[l]).reshape(fwd[l].shape[0], -1), compute_uv=False)
+            check(got_f[l], s[:64])
+
+            def tail(h, l=l):
+                for f in maps[l + 1 :]:
+                    h = f(h)
+                return h.ravel()
+
+            jac = jax.jacrev(tail)(hs[l])
+            check(got_b[l], np.linalg.svd(np.asarray(jac).reshape(10, -1), compute_uv=False))

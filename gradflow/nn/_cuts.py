@@ -102,7 +102,7 @@ def _run(target: Any, variables: Any, x: Any, options: tuple, events: _Events, f
         mutable = opts.pop("mutable", False)
         with _hooked(on_cut), nn.intercept_methods(interceptor):
             out = target.apply(variables, x, mutable=mutable, **opts)
-        return out[0] if mutable else out
+        return out if full or not mutable else out[0]
     with _hooked(on_cut):
         return target(variables, x)
 
