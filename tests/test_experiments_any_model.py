@@ -85,7 +85,7 @@ def test_resnet_spectra_at_init_and_trained_against_float64(tmp_path, load_exper
     layers = ["Conv_0", "BatchNorm_0", "ResBlock_0", "ResBlock_1", "Dense_0"]
     assert result["init_forward"]["layers"] == layers == result["diagnostic_layers"]
     # trained by the trainer on the same cuts (BatchNorm's statistics updated), well above chance
-    assert result["test_accuracy"] > 0.3 and np.all(np.isfinite(result["grad_norm_first_epoch"]))
+    assert result["test_accuracy"] > 0.3
     # rank bounds: 64 input pixels forward, 10 classes backward
     assert result["trained_forward"]["rank"] == [64, 64, 64, 64, 10]
     assert result["trained_backward"]["rank"] == [10] * 5
@@ -125,14 +125,15 @@ def test_resnet_spectra_at_init_and_trained_against_float64(tmp_path, load_exper
             np.testing.assert_allclose(got[: len(s)][resolved], np.log(s[resolved]), atol=2e-3)
             assert np.all(got[: len(s)][~resolved] < np.log(1e-5 * s[0]))
 
+        # dy/dh_l for every l in one program: y with a zero perturbation added to every state
+        def y_of(es):
+            h = x
+            for f, e in zip(maps, es, strict=True):
+                h = f(h) + e
+            return h.ravel()
+
+        bwd = jax.jit(jax.jacrev(y_of))([jnp.zeros_like(h) for h in hs])
         for l in range(5):
             s = np.linalg.svd(np.asarray(fwd[l]).reshape(fwd[l].shape[0], -1), compute_uv=False)
             check(got_f[l], s[:64])
-
-            def tail(h, l=l):
-                for f in maps[l + 1 :]:
-                    h = f(h)
-                return h.ravel()
-
-            jac = jax.jacrev(tail)(hs[l])
-            check(got_b[l], np.linalg.svd(np.asarray(jac).reshape(10, -1), compute_uv=False))
+            check(got_b[l], np.linalg.svd(np.asarray(bwd[l]).reshape(10, -1), compute_uv=False))

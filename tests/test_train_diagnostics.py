@@ -113,13 +113,21 @@ def test_a_nan_planted_in_one_layer_is_located_and_stops_the_run():
         assert bool(s["done"]) and int(s["steps"]) == 1 and int(s["skipped"]) == 1
 
 
-class _UserCNN(nn.Module):
-    """A researcher's own model, written with no gradflow in it: conv, strided conv, dense head."""
+class _ConvBN(nn.Module):
+    """A strided conv and its BatchNorm: one layer of the user's model, with running statistics."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, h, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train)(nn.Conv(6, (3,), strides=2)(h))
+
+
+class _UserCNN(nn.Module):
+    """A researcher's own model, written with no gradflow in it: conv, strided conv + BatchNorm, dense head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
         x = nn.relu(nn.Conv(4, (3,), name="conv1")(x))
-        x = nn.relu(nn.Conv(6, (3,), strides=2, name="conv2")(x))
+        x = nn.relu(_ConvBN(name="conv2")(x, train))
         return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
 
 
@@ -131,19 +139,24 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, run_keys(0)[0], x)
     step = jax.jit(make_train_step(model, tx, cfg))
-    _, m = step(state, (x, y))
-    lay = train_layout(model, {"params": state.params}, x)
+    new_state, m = step(state, (x, y))
+    lay = train_layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x)
     assert lay.names == lay.layer_names == ["conv1", "conv2", "head"]
     # no known activation: its statistics are omitted with a reason, not NaN
     assert "preact_var" not in m and "saturated" in dict(lay.omitted)
-    p = state.params
+    p, bs = state.params, state.batch_stats
     conv1 = lambda h: nn.Conv(4, (3,)).apply({"params": p["conv1"]}, h)  # noqa: E731
-    conv2 = lambda h: nn.Conv(6, (3,), strides=2).apply({"params": p["conv2"]}, jax.nn.relu(h))  # noqa: E731
+
+    def conv2_train(params, h):  # the batch statistics, as the trainer's step uses them
+        v = {"params": params, "batch_stats": bs["conv2"]}
+        return _ConvBN().apply(v, jax.nn.relu(h), train=True, mutable=["batch_stats"])[0]
+
+    conv2 = lambda h: conv2_train(p["conv2"], h)  # noqa: E731
     head = lambda h: nn.Dense(3).apply({"params": p["head"]}, jax.nn.relu(h).reshape(16, -1))  # noqa: E731
 
     def loss(params, e):
         h1 = nn.Conv(4, (3,)).apply({"params": params["conv1"]}, x) + e[0]
-        h2 = nn.Conv(6, (3,), strides=2).apply({"params": params["conv2"]}, jax.nn.relu(h1)) + e[1]
+        h2 = conv2_train(params["conv2"], h1) + e[1]
         logits = nn.Dense(3).apply({"params": params["head"]}, jax.nn.relu(h2).reshape(16, -1)) + e[2]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
@@ -158,8 +171,20 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
         m["update_ratio"], lr * direct / [norm(p[k]) for k in ("conv1", "conv2", "head")], rtol=1e-5
     )
     np.testing.assert_allclose(m["state_grad_norm"], [float(stable_norm(e)) for e in g_states], rtol=1e-5)
+    # the BatchNorm's running mean moved by (1 - momentum) of the batch mean (flax's rule)
+    z = nn.Conv(6, (3,), strides=2).apply({"params": p["conv2"]["Conv_0"]}, jax.nn.relu(h1))
+    np.testing.assert_allclose(
+        new_state.batch_stats["conv2"]["BatchNorm_0"]["mean"],
+        0.01 * z.mean(axis=(0, 1)),
+        rtol=1e-4,
+        atol=1e-7,
+    )
     # a NaN planted in conv2 is located there, by name
-    bad = {**p, "conv2": {**p["conv2"], "kernel": p["conv2"]["kernel"].at[0, 0, 0].set(jnp.nan)}}
+    conv = p["conv2"]["Conv_0"]
+    bad = {
+        **p,
+        "conv2": {**p["conv2"], "Conv_0": {**conv, "kernel": conv["kernel"].at[0, 0, 0].set(jnp.nan)}},
+    }
     _, mb = step(state._replace(params=bad), (x, y))
     assert step._cache_size() == 1
     assert (
