@@ -98,6 +98,8 @@ class Atlas:
     full: bool = False
     """run the full cross product of the axes (GPU-sized) instead of the default grid."""
     out: str = "runs/atlas"
+    fresh: bool = False
+    """start over: remove this directory's earlier atlas results (another grid's are refused otherwise)."""
     progress: bool | None = None
     """progress bar (default: when stdout is a terminal)."""
 
@@ -303,7 +305,7 @@ def run_atlas(cmd: Atlas) -> int:
 
     cfg = dataclasses.replace(cmd.config, grid="full") if cmd.full else cmd.config
     t0 = time.perf_counter()
-    rows = atlas.run(cfg, cmd.out, progress=cmd.progress)
+    rows = atlas.run(cfg, cmd.out, progress=cmd.progress, fresh=cmd.fresh)
     page = report.build(cmd.out, seconds=time.perf_counter() - t0)
     print(report.markdown_table(rows))
     print(f"{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; open {page}")

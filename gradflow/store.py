@@ -7,22 +7,27 @@ another run's:
 - `config.json` names the run. A directory holding another config is refused
   (`on_mismatch="error"`, the trainer) or started over (`"restart"`, the atlas), never mixed.
 - `<name>.jsonl` logs are append-only, one record per line, flushed and fsync'ed as each record
-  is written. A line torn by a crash mid-write is dropped when the log is read (the file is cut
-  back to its last complete record), so the next run redoes that record instead of failing.
+  is written. A last line torn by a crash mid-write is dropped with a warning when the log is
+  read (the writer cuts the file back to its last complete record), so the next run redoes that
+  record instead of failing; a bad line elsewhere is damage and raises naming file and line.
 - arrays (`save_arrays`) and rewritten logs go to a temporary file first and are renamed into
   place, so a reader sees the old file or the new one, never half of one.
 - one writer at a time: the store holds an exclusive lock on `run_dir/.lock` (`fcntl.flock`,
-  released by `close` or when the process ends); a second store on the same directory raises
-  a ValueError naming it instead of interleaving its records.
+  released by `close` or when the process ends, so a dead writer's lock is no obstacle); a
+  second store on the same directory raises a ValueError naming the holder's pid instead of
+  interleaving its records.
+- a directory holding run files but no config.json is refused: nothing says whose they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -69,19 +74,32 @@ class RunStore:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self._lock.close()
+                holder = (self.dir / ".lock").read_text().strip() or "unknown"
                 raise ValueError(
-                    f"run directory {str(self.dir)!r} is in use by another process; wait for it "
-                    "or use another directory"
+                    f"run directory {str(self.dir)!r} is in use by another process (pid {holder}); "
+                    "wait for it or use another directory"
                 ) from None
+            # the holder's pid, for the message above; a dead holder's lock is released by the
+            # kernel with its process, so a stale lock file is simply taken over
+            self._lock.truncate(0)
+            self._lock.write(f"{os.getpid()}\n")
+            self._lock.flush()
         config = json.loads(json.dumps(config))  # as it reads back from disk
         path = self.dir / "config.json"
         stored = json.loads(path.read_text()) if path.exists() else None
+        held = [p.name for p in self.dir.iterdir() if not p.name.startswith(".") and p.name != "config.json"]
+        if stored is None and held and not fresh:
+            self.close()
+            raise ValueError(
+                f"run_dir {str(self.dir)!r} holds {', '.join(sorted(held))} but no config.json, so "
+                "nothing says which run they belong to; use a new run_dir or start afresh"
+            )
         if stored is not None and stored != config and not fresh:
             if on_mismatch == "error":
                 self.close()
                 raise ValueError(
-                    f"run_dir {str(self.dir)!r} holds a run with another config; use a new run_dir "
-                    f"or start afresh to overwrite.\nstored: {stored}\nnew:    {config}"
+                    f"run_dir {str(self.dir)!r} holds a run with another config "
+                    f"({'; '.join(_differences(stored, config))}); use a new run_dir or start afresh"
                 )
             fresh = True
         if fresh:
@@ -127,6 +145,22 @@ class RunStore:
             self._lock.close()
 
 
+def fingerprint(tree: Any) -> dict:
+    """What identifies arrays in a run's config: the shapes, dtypes and a SHA-256 of the bytes of
+    every leaf of `tree` (arrays, or None for an absent one), in tree order."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(tree)
+    digest = hashlib.sha256()
+    shapes = []
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        shapes.append(f"{a.dtype}{list(a.shape)}")
+        digest.update(f"{a.dtype}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return {"arrays": shapes, "sha256": digest.hexdigest()}
+
+
 def read_records(run_dir: str | os.PathLike, name: str) -> list[dict]:
     """The complete records of log `name` in `run_dir`, read-only (a torn last line is skipped)."""
     return _read(pathlib.Path(run_dir) / f"{name}.jsonl")[0]
@@ -142,21 +176,40 @@ def load_arrays(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read(path: pathlib.Path) -> tuple[list[dict], int]:
-    """(records, bytes of complete lines) of a JSON-lines file; stops at the first torn line."""
+    """(records, bytes of complete lines) of a JSON-lines file.
+
+    A torn last line (a crash mid-write) is not a record: it is skipped with a warning. A bad
+    line anywhere else is damage, not a crash, and raises naming the file and the line.
+    """
     if not path.exists():
         return [], 0
+    lines = path.read_bytes().splitlines(keepends=True)
     out, good = [], 0
-    for line in path.read_bytes().splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # the last line, cut short by a crash: redone by the next run
+    for i, line in enumerate(lines, start=1):
         try:
             record = json.loads(line) if line.strip() else None
+            torn = not line.endswith(b"\n")
         except json.JSONDecodeError:
+            record, torn = None, True
+        if torn:
+            if i < len(lines):
+                raise ValueError(f"{path}: line {i} is not a JSON record (the file is damaged)")
+            warnings.warn(f"{path}: dropped a torn last line (a write cut short): it is redone", stacklevel=3)
             break
         if record is not None:
             out.append(record)
         good += len(line)
     return out, good
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """The first few paths where two JSON values differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out[:4]
+    return [] if old == new else [f"{path or 'config'}: stored {old!r}, now {new!r}"]
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:

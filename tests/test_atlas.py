@@ -1,5 +1,6 @@
 """The atlas at test size: its labels are the textbook ones, and its numbers match mean-field theory."""
 
+import dataclasses
 import json
 import math
 
@@ -74,6 +75,11 @@ def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monke
     monkeypatch.setattr(runner, "_measure_recurrent", boom)
     again = atlas.run(cfg, out, progress=False, only=CASES)
     assert [r["name"] for r in again] == list(rows)
+    # another grid into the same directory is refused; the finished rows and arrays stay
+    with pytest.raises(ValueError, match="another config"):
+        atlas.run(dataclasses.replace(cfg, width=8), out, progress=False, only=CASES)
+    assert [r["name"] for r in atlas.load_rows(out)] == list(rows)
+    assert "tanh-orthogonal-plain-L24/log_sv" in atlas.load_arrays(out)
 
 
 def test_report_is_self_contained(atlas_run):

@@ -58,6 +58,15 @@ def test_clipping_keeps_an_exploding_net_finite_and_stop_keeps_earlier_records(t
     assert all(
         jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(r.state.params)
     )  # last finite state
+    # the run directory's identity covers the data and the initializers: a rerun with either
+    # changed is refused naming it, before any training (the records stay)
+    with pytest.raises(ValueError, match=r"another config \(data\.sha256"):
+        fit(model, unclipped, (x, y * 2, x, y), run_dir=tmp_path / "unclipped")
+    with pytest.raises(ValueError, match=r"another config \(init"):
+        fit(
+            model.clone(kernel_init=gi.gaussian(2.9)), unclipped, (x, y, x, y), run_dir=tmp_path / "unclipped"
+        )
+    assert (tmp_path / "unclipped" / "metrics.jsonl").read_text().splitlines() == lines
     c = fit(model, clipped, (x, y, x, y))
     assert not c.stopped and c.nonfinite is None and len(c.history) == 10
     assert np.isfinite(c.test["loss"]) and c.history[-1]["loss"] < c.history[0]["loss"]

@@ -31,6 +31,12 @@ def _groups(ff: list[Case]) -> list[list[Case]]:
     return list(out.values())
 
 
+# what `report.build` writes beside the records: stale once the records are removed
+_REPORT_FILES = ("report.html", "report.md", "summary.json") + tuple(
+    f"{n}.png" for n in ("atlas_map", "jacobian_growth", "gradient_norms", "recurrent")
+)
+
+
 def run(
     cfg: AtlasConfig,
     out: str | pathlib.Path = "runs/atlas",
@@ -38,20 +44,23 @@ def run(
     progress: bool | None = None,
     on_row: Callable[[dict], None] | None = None,
     only: tuple[Sequence[Case], Sequence[RecurrentCase]] | None = None,
+    fresh: bool = False,
 ) -> list[dict]:
     """Measure every configuration of `cfg`, writing results as it goes, and return the rows.
 
     Writes `out/config.json`, appends one JSON line per configuration to `out/results.jsonl`,
     and saves per-group arrays to `out/arrays/<group>.npz` (per-layer log singular values and
-    per-layer gradient norms). Rows already in results.jsonl for the same config are reused.
-    `only` replaces the grid by explicit (feed-forward, recurrent) cases.
+    per-layer gradient norms). Rows already in results.jsonl for the same config are reused; a
+    directory holding another grid's results is refused (its finished rows are never dropped)
+    unless `fresh`, which removes them first. `only` replaces the grid by explicit
+    (feed-forward, recurrent) cases.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     config = dataclasses.asdict(cfg)
     if only is not None:
         config["only"] = [c.name for c in (*only[0], *only[1])]
-    runs = store.RunStore(out, config, on_mismatch="restart")
+    runs = store.RunStore(out, config, on_mismatch="error", fresh=fresh, clear=_REPORT_FILES)
     done = {row["name"]: row for row in runs.records("results")}
 
     try:

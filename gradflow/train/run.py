@@ -2,8 +2,10 @@
 
 `fit(model, cfg, data, run_dir=...)` writes under `run_dir`:
 
-- `config.json`: the `TrainConfig` and the model's fields (written once; a resumed run must
-  have the same ones, else ValueError);
+- `config.json`: the run's identity: the `TrainConfig`, the model's fields, a hash of the
+  initial variables (the initializers and seed) and a fingerprint of the data (shapes, dtypes,
+  SHA-256), written once; a resumed run must have the same, else a ValueError naming what
+  differs (`gradflow.store.RunStore`);
 - `metrics.jsonl`: one JSON line per epoch (append-only, flushed and fsync'ed at once): the
   epoch summary (`gradflow.train.step.summarize_epoch`: loss, accuracy, per-layer diagnostics
   as lists, skipped steps, the first non-finite step and its layer), the test metrics and the
@@ -38,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gradflow.optim import make_optimizer
-from gradflow.store import RunStore
+from gradflow.store import RunStore, fingerprint
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
 from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
@@ -263,7 +265,14 @@ def fit(
     start, done = 0, False
     store = None
     if run_dir is not None:
-        config = {"train": cfg.to_dict(), "model": _model_dict(model)}
+        # the run's identity: everything that changes its result. The initial variables stand
+        # for the model's initializers (whose callables have no portable name) and the seed.
+        config = {
+            "train": cfg.to_dict(),
+            "model": _model_dict(model),
+            "init": fingerprint({"params": state.params, "batch_stats": state.batch_stats})["sha256"],
+            "data": fingerprint([x_train, y_train, x_test, y_test]),
+        }
         store = _Store(Path(run_dir), config, resume)
         restored = store.restore(state) if resume else None
         if restored is not None:
