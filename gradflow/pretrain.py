@@ -78,7 +78,7 @@ from gradflow.nn.mlp import MLPStack
 from gradflow.optim import OptimConfig, make_optimizer
 from gradflow.train import diagnostics as dg
 from gradflow.train.loop import train_epochs
-from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys
 from gradflow.train.step import task_loss
 
 CORRUPTIONS = ("mask", "gaussian")
@@ -399,6 +399,8 @@ def pretrain(
         raise ValueError(f"pretrain needs a batch of inputs x of shape (N, ...), got shape {x.shape}")
     if x.shape[0] < cfg.batch_size:
         raise ValueError(f"PretrainConfig.batch_size={cfg.batch_size} exceeds the {x.shape[0]} examples")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("pretrain: x holds NaN/Inf values")
     if layers is None and isinstance(model, MLPStack):
         layers = ("embed", "blocks")
     layers = (layers,) if isinstance(layers, str) else (None if layers is None else tuple(layers))
@@ -477,9 +479,7 @@ def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> 
       leading axis cfg.epochs, plus test_loss / test_accuracy with test data. One compiled
       program serves every `cfg.seed`.
     """
-    x_train = jnp.asarray(data[0])
-    if x_train.shape[0] < cfg.batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
+    check_data(model, cfg, tuple(data))
     static = dataclasses.replace(cfg, seed=0)
     return _finetune(model, params, static, tuple(data), jnp.int32(cfg.seed))
 

@@ -86,3 +86,33 @@ def test_epoch_batches_are_a_pure_function_of_key_and_epoch():
     np.testing.assert_array_equal(epoch_batches(x, y, key, 2, bs)[1], yb)  # a resumed run: the same epoch
     for k, e in ((key, 3), (jax.random.key(5), 2)):
         assert not np.array_equal(epoch_batches(x, y, k, e, bs)[1], yb)
+
+
+def test_bad_data_and_hparams_are_named_before_anything_compiles():
+    from gradflow.train import fit, grid, sweep
+
+    model = MLPStack(depth=2, width=8, num_outputs=3)
+    x, y = classification(0, 64)
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    bad = {
+        "labels in \\[0, 3\\], outside \\[0, 3\\)": (x, y.at[0].set(3), None, None),
+        "labels in \\[-1, 2\\]": (x, y.at[0].set(-1), None, None),
+        "integer class labels of shape \\(N,\\).*float32": (x, y.astype(jnp.float32), None, None),
+        "integer class labels.*\\(64, 3\\)": (x, jax.nn.one_hot(y, 3).astype(jnp.int32), None, None),
+        "y_train has shape \\(63,\\)": (x, y[:63], None, None),
+        "x_train holds NaN/Inf \\(first at example 5\\)": (x.at[5, 2].set(jnp.nan), y, None, None),
+        "x_test holds NaN/Inf": (x, y, x.at[0, 0].set(jnp.inf), y),
+        "x_test is empty": (x, y, x[:0], y[:0]),
+        "y_test has shape \\(10,\\)": (x, y, x, y[:10]),
+        "x_test's examples have shape \\(7,\\)": (x, y, x[:, :7], y),
+        "classification needs logits of shape \\(batch, classes\\)": (x[:, :, None], y, None, None),
+        "batch_size=16 exceeds the 8": (x[:8], y[:8], None, None),
+        "both x_test and y_test": (x, y, x, None),
+    }
+    for message, data in bad.items():
+        with pytest.raises(ValueError, match=message):
+            fit(model, cfg, data, progress=False)
+    with pytest.raises(ValueError, match="y_train has shape"):  # the sweep path too
+        sweep(model, cfg, (x, y[:3], None, None), grid(cfg))
+    with pytest.raises(ValueError, match=r"hparams.lr must be finite and > 0, got \[-0.1"):
+        sweep(model, cfg, (x, y, None, None), grid(cfg, lr=[-0.1, 0.1]))

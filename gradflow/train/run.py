@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from gradflow.optim import make_optimizer
 from gradflow.store import RunStore, fingerprint
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
-from gradflow.train.state import TrainConfig, TrainState, init_state, run_keys
+from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys
 from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
 Data = tuple[Any, Any, Any, Any]
@@ -244,10 +244,9 @@ def fit(
     Returns:
       A `TrainResult`.
     """
+    check_data(model, cfg, data)
     x_train, y_train, x_test, y_test = data
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
-    if x_train.shape[0] < cfg.batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {x_train.shape[0]} training examples")
     # lr and clip_value enter as arguments (traced), as in a sweep run.
     lr, clip_value = jnp.float32(cfg.optim.lr), jnp.float32(cfg.optim.clip_value)
     tx = make_optimizer(cfg.optim, lr=lr, clip_value=clip_value)

@@ -149,3 +149,72 @@ def init_state(
         step=jnp.zeros([], jnp.int32),
         key=dropout_key,
     )
+
+
+def check_data(model: nn.Module, cfg: TrainConfig, data: tuple) -> None:
+    """Validate (x_train, y_train, x_test, y_test) at the training API boundary, before compiling.
+
+    Raises a ValueError naming the array and what is wrong: an empty or missing training set,
+    lengths that differ, fewer examples than `cfg.batch_size`, NaN/Inf inputs (or regression
+    targets), inputs whose shape does not fit the model, and for classification labels that are
+    not integers of shape (N,) in [0, number of model outputs). The test pair may be (None, None).
+    """
+    import numpy as np
+
+    x, y, x_test, y_test = data
+    if x is None or y is None:
+        raise ValueError("x_train and y_train are required")
+    if (x_test is None) != (y_test is None):
+        raise ValueError("pass both x_test and y_test, or neither")
+    pairs = [("train", np.asarray(x), np.asarray(y))]
+    if x_test is not None:
+        pairs.append(("test", np.asarray(x_test), np.asarray(y_test)))
+    for split, xs, ys in pairs:
+        if xs.ndim == 0 or len(xs) == 0:
+            raise ValueError(f"x_{split} is empty (shape {xs.shape})")
+        if ys.ndim == 0 or len(ys) != len(xs):
+            raise ValueError(f"y_{split} has shape {ys.shape}, but x_{split} holds {len(xs)} examples")
+        bad = [name for name, a in ((f"x_{split}", xs), (f"y_{split}", ys)) if a.dtype.kind == "f"]
+        for name in bad:
+            a = xs if name[0] == "x" else ys
+            if not np.isfinite(a).all():
+                i = int(np.argmin(np.isfinite(a).reshape(len(a), -1).all(axis=1)))
+                raise ValueError(f"{name} holds NaN/Inf (first at example {i})")
+    _, xs, _ = pairs[0]
+    if len(xs) < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(xs)} training examples")
+    if len(pairs) > 1 and pairs[1][1].shape[1:] != xs.shape[1:]:
+        raise ValueError(f"x_test's examples have shape {pairs[1][1].shape[1:]}, x_train's {xs.shape[1:]}")
+    try:
+        out = jax.eval_shape(
+            lambda v, x: model.apply(v, x), jax.eval_shape(model.init, jax.random.key(0), xs[:1]), xs[:1]
+        )
+    except Exception as e:  # flax / jax shape errors: name the input instead
+        raise ValueError(
+            f"x_train's examples of shape {xs.shape[1:]} do not fit the model ({type(e).__name__}: {e})"
+        ) from None
+    if cfg.task != "classification":
+        want = (1, *pairs[0][2].shape[1:])
+        if tuple(out.shape) not in (want, (*want, 1)) and not (out.shape == (1, 1) and len(want) == 1):
+            raise ValueError(
+                f"the model's output for one example of x_train has shape {tuple(out.shape)}, which does "
+                f"not match the targets y_train (one of shape {want[1:]})"
+            )
+        return
+    if len(out.shape) != 2:
+        raise ValueError(
+            f"the model's output for one example of x_train has shape {tuple(out.shape)}; classification "
+            f"needs logits of shape (batch, classes) (x_train's examples have shape {xs.shape[1:]})"
+        )
+    classes = int(out.shape[-1])
+    for split, _, ys in pairs:
+        if ys.ndim != 1 or ys.dtype.kind not in "iu":
+            raise ValueError(
+                f"y_{split} must hold integer class labels of shape (N,) for classification, got "
+                f"{ys.dtype} of shape {ys.shape}"
+            )
+        lo, hi = int(ys.min()), int(ys.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(
+                f"y_{split} holds labels in [{lo}, {hi}], outside [0, {classes}) (the model's {classes} outputs)"
+            )

@@ -47,7 +47,7 @@ from jax.typing import ArrayLike
 from gradflow.optim import make_optimizer
 from gradflow.train.diagnostics import Layout, layout
 from gradflow.train.loop import train_epochs
-from gradflow.train.state import TrainConfig, TrainState, init_state, init_variables, run_keys
+from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, init_variables, run_keys
 
 Data = tuple[Any, Any, Any, Any]
 _AXIS = "runs"  # the vmap axis of `sweep`
@@ -259,6 +259,19 @@ def sweep(
     S = hp.seed.shape[0]
     if any(np.shape(a) != (S,) for a in hp):
         raise ValueError(f"hparams fields must all have shape (S,), got {[np.shape(a) for a in hp]}")
+    rules = {  # name: (values, which are fine, what is required)
+        "lr": (hp.lr, lambda a: np.isfinite(a) & (a > 0), "finite and > 0"),
+        "weight_scale": (hp.weight_scale, np.isfinite, "finite"),
+        "seed": (np.asarray(hparams.seed), lambda a: (a >= 0) & (a == np.round(a)), "integers >= 0"),
+    }
+    if cfg.optim.clip is not None:
+        rules["clip_value"] = (hp.clip_value, lambda a: np.isfinite(a) & (a > 0), "finite and > 0")
+    for name, (values, ok, required) in rules.items():
+        values = np.asarray(values)
+        bad = values[~ok(values)]
+        if bad.size:
+            raise ValueError(f"hparams.{name} must be {required}, got {bad.tolist()}")
+    check_data(model, cfg, data)
     x, y, x_test, y_test = (None if a is None else np.asarray(a) for a in data)
     variables = None
     if init_variables is not None:
