@@ -116,3 +116,8 @@ def test_bad_data_and_hparams_are_named_before_anything_compiles():
         sweep(model, cfg, (x, y[:3], None, None), grid(cfg))
     with pytest.raises(ValueError, match=r"hparams.lr must be finite and > 0, got \[-0.1"):
         sweep(model, cfg, (x, y, None, None), grid(cfg, lr=[-0.1, 0.1]))
+    clipped = TrainConfig(
+        epochs=1, batch_size=16, optim=OptimConfig("sgd", 0.1, clip="global_norm", clip_value=1.0)
+    )
+    with pytest.raises(ValueError, match=r"hparams.clip_value must be > 0 \(inf: no clipping\), got \[nan"):
+        sweep(model, clipped, (x, y, None, None), grid(clipped, clip_value=[float("nan"), float("inf")]))

@@ -265,7 +265,8 @@ def sweep(
         "seed": (np.asarray(hparams.seed), lambda a: (a >= 0) & (a == np.round(a)), "integers >= 0"),
     }
     if cfg.optim.clip is not None:
-        rules["clip_value"] = (hp.clip_value, lambda a: np.isfinite(a) & (a > 0), "finite and > 0")
+        # inf is a threshold too: no clipping (the unclipped arm of a clipping sweep)
+        rules["clip_value"] = (hp.clip_value, lambda a: a > 0, "> 0 (inf: no clipping)")
     for name, (values, ok, required) in rules.items():
         values = np.asarray(values)
         bad = values[~ok(values)]
