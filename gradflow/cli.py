@@ -191,11 +191,25 @@ def _user_spectra(cmd: Spectra):
     ), {"user_model": cmd.user_model, "input_shape": list(shape)}
 
 
+def _writable(out: str) -> None:
+    """Refuse an output location that cannot take the results, before computing them."""
+    path = pathlib.Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".gradflow-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot take the results: {e.strerror or e}") from None
+
+
 def run_spectra(cmd: Spectra) -> int:
     import jax
     import numpy as np
 
     from gradflow import data, spectra
+
+    _writable(cmd.out)
 
     for name, value, allowed in (
         ("method", cmd.method, ("exact", "topk")),
@@ -239,6 +253,7 @@ def run_train(cmd: Train) -> int:
 
     from gradflow import plots, train
 
+    _writable(cmd.out)
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
     if cmd.user_model is not None:
         model, shape = load_model(cmd.user_model), _user_input(cmd)
@@ -267,6 +282,7 @@ def run_sweep(cmd: Sweep) -> int:
 
     from gradflow import plots, train
 
+    _writable(cmd.out)
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
     model = dataclasses.replace(cmd.model, num_outputs=1 if task == "regression" else ds.num_classes).build()
     cfg = dataclasses.replace(cmd.train, task=task)
@@ -303,6 +319,7 @@ def run_atlas(cmd: Atlas) -> int:
     from gradflow import atlas
     from gradflow.atlas import report
 
+    _writable(cmd.out)
     cfg = dataclasses.replace(cmd.config, grid="full") if cmd.full else cmd.config
     t0 = time.perf_counter()
     rows = atlas.run(cfg, cmd.out, progress=cmd.progress, fresh=cmd.fresh)

@@ -29,6 +29,10 @@ def test_every_subcommand_has_help(sub, capsys):
         (["train", "--dataset", "imagenet"], "dataset"),
         (["atlas", "--bogus"], "--bogus"),
         (["report", "/no/such/run"], "/no/such/run"),
+        # an output location that cannot take the results, refused before computing them
+        (["spectra", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
+        (["sweep", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
+        (["train", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
     ],
 )
 def test_bad_flags_and_values_exit_2_naming_them(argv, named, capsys):
