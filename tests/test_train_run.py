@@ -123,5 +123,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
+    # a corrupt latest checkpoint is set aside with a warning; the run resumes from the one before
+    # and redoes the lost epoch, to the same result
+    for f in (run_dir / "checkpoints" / "3").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+    with pytest.warns(UserWarning, match="checkpoint of epoch 3 .* unreadable"):
+        again = fit(model, cfg, data, run_dir=run_dir)
+    assert (run_dir / "corrupt-checkpoints" / "3").is_dir()
+    assert [h["epoch"] for h in again.history] == [0, 1, 2, 3]
+    jax.tree.map(np.testing.assert_array_equal, again.state.params, whole.state.params)
     with pytest.raises(ValueError, match="another config"):
         fit(model, TrainConfig(epochs=5), data, run_dir=run_dir)

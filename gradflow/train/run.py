@@ -27,8 +27,10 @@ import functools
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,9 +103,13 @@ class _Store:
     the atlas) and the orbax checkpoints of the `TrainState`."""
 
     def __init__(self, run_dir: Path, config: dict, resume: bool):
-        self.runs = RunStore(run_dir, config, on_mismatch="error", fresh=not resume, clear=("checkpoints",))
+        clear = ("checkpoints", "corrupt-checkpoints")
+        self.runs = RunStore(run_dir, config, on_mismatch="error", fresh=not resume, clear=clear)
+        self.manager = self._manager()
+
+    def _manager(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager((Path(run_dir) / "checkpoints").absolute(), options=options)
+        return ocp.CheckpointManager((self.runs.dir / "checkpoints").absolute(), options=options)
 
     @staticmethod
     def _tree(state: TrainState, done: Any) -> dict:
@@ -116,13 +122,28 @@ class _Store:
         self.manager.wait_until_finished()
 
     def restore(self, template: TrainState) -> tuple[TrainState, bool, int, list[dict]] | None:
-        epoch = self.manager.latest_step()
-        if epoch is None:  # nothing finished: records of epochs without a checkpoint are redone
-            self.runs.rewrite("metrics", [])
-            return None
         target = self._tree(template, False)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
-        restored = self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        restored = None
+        for epoch in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+                break
+            except Exception as e:  # a truncated or half-deleted checkpoint: set it aside, go back one
+                aside = self.runs.dir / "corrupt-checkpoints" / str(epoch)
+                aside.parent.mkdir(exist_ok=True)
+                self.manager.close()
+                shutil.rmtree(aside, ignore_errors=True)
+                shutil.move(str(self.runs.dir / "checkpoints" / str(epoch)), str(aside))
+                self.manager = self._manager()
+                warnings.warn(
+                    f"checkpoint of epoch {epoch} in {self.runs.dir} is unreadable ({type(e).__name__}); "
+                    f"moved to {aside}, resuming from an earlier one",
+                    stacklevel=3,
+                )
+        if restored is None:  # nothing finished: records of epochs without a checkpoint are redone
+            self.runs.rewrite("metrics", [])
+            return None
         raw = template._replace(key=jax.random.key_data(template.key))
         treedef = jax.tree_util.tree_structure(raw)
         leaves = [restored["leaves"][k] for k in sorted(restored["leaves"])]
