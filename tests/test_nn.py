@@ -263,3 +263,10 @@ def test_stack_config_fields_each_mean_one_thing():
         StackConfig(residual="dense")
     with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
         StackConfig(kind="rnn", seq_len=0)
+
+
+def test_integer_fields_refuse_fractions():
+    with pytest.raises(ValueError, match="MLPStack.depth must be an integer >= 1, got 2.5"):
+        MLPStack(depth=2.5, width=4)
+    with pytest.raises(ValueError, match="RNNStack.hidden must be an integer >= 1, got 0"):
+        RNNStack(hidden=0)

@@ -450,3 +450,13 @@ def test_banded_sweeps_on_a_deep_product_against_float64():
     for b, want in enumerate((ref, _float64_products(step, ws[1], h0)[0])):
         ok = _reliable(want)
         np.testing.assert_allclose(batched[b][ok], want[ok], atol=2e-4)
+
+
+def test_an_h0_the_step_cannot_take_is_named():
+    w = jnp.full((3, 4, 4), 0.3)
+    step = lambda W, h: jnp.tanh(W @ h)  # noqa: E731
+    for f in (spectra.jacobian_spectra, spectra.lyapunov_exponents):
+        with pytest.raises(ValueError, match=r"fails on h0 of shape \(5,\)"):
+            f(step, w, jnp.ones(5))
+    with pytest.raises(ValueError, match=r"maps h0 of shape \(4,\) to \(2,\)"):
+        spectra.jacobian_spectra(lambda W, h: (W @ h)[:2], w, jnp.ones(4))

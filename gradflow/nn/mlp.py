@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow._checks import check_choice
+from gradflow._checks import check_choice, check_int
 from gradflow.nn.chains import Chain, Segment, provides_chain
 from gradflow.nn.layers import PReLU, RReLU
 
@@ -167,10 +167,10 @@ class MLPStack(nn.Module):
     unroll: int = 1
 
     def __post_init__(self):
-        if self.depth < 1 or self.width < 1:
-            raise ValueError(
-                f"MLPStack needs depth >= 1 and width >= 1, got depth={self.depth}, width={self.width}"
-            )
+        for name in ("depth", "width", "maxout_pieces", "unroll"):
+            check_int(f"MLPStack.{name}", getattr(self, name), 1)
+        if self.num_outputs is not None:
+            check_int("MLPStack.num_outputs", self.num_outputs, 1)
         check_choice("norm", self.norm, NORMS)
         check_choice("residual", self.residual, RESIDUALS)
         _check_activation(self.activation)

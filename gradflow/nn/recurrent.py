@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
+from gradflow._checks import check_int
 from gradflow.nn.chains import Chain, Segment, provides_chain
 
 _HEADS = ("last", "all")
@@ -35,8 +36,9 @@ class _RecurrentStack(nn.Module):
     bias_init: Callable = nn.initializers.zeros
 
     def __post_init__(self):
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        check_int(f"{type(self).__name__}.hidden", self.hidden, 1)
+        if self.num_outputs is not None:
+            check_int(f"{type(self).__name__}.num_outputs", self.num_outputs, 1)
         if self.head not in _HEADS:
             raise ValueError(f"head={self.head!r} is not one of {_HEADS}")
         super().__post_init__()

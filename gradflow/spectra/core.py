@@ -98,10 +98,24 @@ def _check_depths(depths: Sequence[int] | None, depth: int) -> np.ndarray:
 
 def _user_chain(step: Step, params: Any, h0: jax.Array) -> Chain:
     depth = _depth_of(params)
+    h0 = jnp.asarray(h0)
+    p0 = jax.tree.map(lambda a: a[0], params)
+    try:
+        out = jax.eval_shape(step, p0, h0)
+    except Exception as e:  # a dot_general or flax shape error deep inside the step: name h0
+        raise ValueError(
+            f"step(params[l], h) fails on h0 of shape {h0.shape} ({type(e).__name__}: {e}); "
+            "h0 must be a state the step takes"
+        ) from None
+    if getattr(out, "shape", None) != h0.shape:
+        raise ValueError(
+            f"step maps h0 of shape {h0.shape} to {getattr(out, 'shape', type(out).__name__)}: a walk's "
+            "step must return a state of its input's shape (chain layers of other shapes with gradflow.nn.chain)"
+        )
     seg = Segment(
         step=_Unshared(step), shared=None, params=params, names=tuple(map(str, range(1, depth + 1)))
     )
-    return Chain(segments=(seg,), h0=jnp.asarray(h0))
+    return Chain(segments=(seg,), h0=h0)
 
 
 def _states(step: Step, shared: Any, params: Any, h0: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
