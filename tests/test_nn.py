@@ -236,7 +236,7 @@ def test_bad_configurations_are_named():
         MLPStack(depth=2, width=4, activation="tanhh")
     with pytest.raises(ValueError, match="fixup"):
         MLPStack(depth=2, width=4, residual="fixup", norm="batch")
-    with pytest.raises(ValueError, match="depth >= 1"):
+    with pytest.raises(ValueError, match="MLPStack.depth must be an integer >= 1, got 0"):
         MLPStack(depth=0, width=4)
     with pytest.raises(ValueError, match=r"expects x of shape \(batch, time, features\)"):
         RNNStack(hidden=3).init(jax.random.key(0), jnp.ones((2, 3)))
