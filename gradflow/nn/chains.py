@@ -87,9 +87,10 @@ class Segment:
         variables (variables["params"][*param_path], ...), or None if it has none of its own
         (`layer_variables` reads them, `with_layer_variables` writes them).
       stacked: those variables carry a leading depth axis (one slice per layer: a scanned run).
-      scope: the module path at which the layer's own submodules run inside `step`: () for a
+      scope: the module path at which the layer's own module runs inside `step`: () for a
         module applied on its own (gradflow's blocks), param_path for an adapted model's layer
-        (the whole model runs). Module param_path + sub is seen at scope + sub.
+        (the whole model runs). So the submodule whose params sit at param_path + sub is called
+        at path scope + sub while the step runs (how LSUV finds a layer's Dense/Conv output).
     """
 
     step: Step
