@@ -109,12 +109,6 @@ class Segment:
         """The per-layer parameters of layer i (0-based within the segment)."""
         return None if self.params is None else jax.tree.map(lambda a: a[i], self.params)
 
-    def run(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(output, inputs): the segment's output and the stacked inputs of its layers (depth, *h.shape)."""
-        if self.depth == 1:
-            return self.step(self.shared, self.layer_params(0), h), h[None]
-        return lax.scan(lambda h, p: (self.step(self.shared, p, h), h), h, self.params, length=self.depth)
-
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
@@ -142,22 +136,11 @@ class Chain:
 
     def states(self) -> tuple[jax.Array, ...]:
         """The layer outputs, one stacked array per segment: (depth_s, *state shape)."""
-        out, h = [], self.h0
-        for seg in self.segments:
-            if seg.depth == 1:
-                h = seg.step(seg.shared, seg.layer_params(0), h)
-                out.append(h[None])
-            else:
-                h, hs = lax.scan(lambda h, p, seg=seg: (seg.step(seg.shared, p, h),) * 2, h, seg.params)
-                out.append(hs)
-        return tuple(out)
+        return tuple(self._walk(keep=True)[1])
 
     def final(self) -> jax.Array:
         """h_L."""
-        h = self.h0
-        for seg in self.segments:
-            h = seg.run(h)[0]
-        return h
+        return self._walk()[0]
 
     def perturbed_final(self, perturbations: Sequence[jax.Array], h0_perturbation: Any = 0.0) -> jax.Array:
         """h_L with perturbations[s][i] added to the output of layer i of segment s (and to h0).
@@ -165,18 +148,33 @@ class Chain:
         With zero perturbations this is `final()`; its gradient with respect to them is dL/dh_l
         at every layer (`state_gradients`).
         """
-        h = self.h0 + h0_perturbation
-        for seg, eps in zip(self.segments, perturbations, strict=True):
+        return self._walk(perturbations, h0_perturbation)[0]
+
+    def _walk(
+        self, perturbations: Sequence[jax.Array] | None = None, h0_perturbation: Any = 0.0, keep: bool = False
+    ) -> tuple[jax.Array, list]:
+        """The one forward walk: (h_L, per-segment stacked outputs if `keep`), perturbed if asked."""
+        h = self.h0 if perturbations is None else self.h0 + h0_perturbation
+        eps_all = [None] * len(self.segments) if perturbations is None else list(perturbations)
+        if len(eps_all) != len(self.segments):
+            raise ValueError(f"{len(eps_all)} perturbations for {len(self.segments)} segments")
+        out = []
+        for seg, eps in zip(self.segments, eps_all, strict=True):
             if seg.depth == 1:
-                h = seg.step(seg.shared, seg.layer_params(0), h) + eps[0]
-            else:
+                h = seg.step(seg.shared, seg.layer_params(0), h)
+                h = h if eps is None else h + eps[0]
+                out.append(h[None])
+                continue
 
-                def body(h, xs, seg=seg):
-                    p, e = xs
-                    return seg.step(seg.shared, p, h) + e, None
+            def body(h, xs, seg=seg):
+                p, e = xs
+                h = seg.step(seg.shared, p, h)
+                h = h if e is None else h + e
+                return h, (h if keep else None)
 
-                h, _ = lax.scan(body, h, (seg.params, eps), length=seg.depth)
-        return h
+            h, hs = lax.scan(body, h, (seg.params, eps), length=seg.depth)
+            out.append(hs)
+        return h, out
 
     def state_gradients(self, loss: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
         """dL/dh_0 and dL/dh_l for every layer, L = loss(h_L), in one backward pass.
