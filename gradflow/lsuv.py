@@ -23,7 +23,7 @@ as in the paper (one number per layer, not one per unit):
   the chaotic phase), after about 16 iterations from scale 1; with `max_iters=10` it does not
   converge (a warning says so).
 
-`MLPStack` runs as the chain embed, blocks[1..L], head (layers=("embed", "blocks", "head")).
+By default the chain is the whole model (`layers=WHOLE`): for an `MLPStack` embed, blocks[1..L], head.
 Not supported, by design: norm="batch"/"layer" (the block is invariant to its kernel's scale, so
 there is nothing for LSUV to set) and residual="fixup" (Fixup is itself an initialization:
 dense2 = 0 makes the branch identically zero, and an orthonormal dense2 would undo it).
@@ -46,7 +46,7 @@ from flax import errors as flax_errors
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow.nn.chains import Segment, kernel_paths, layer_variables, with_layer_variables
+from gradflow.nn.chains import WHOLE, Segment, kernel_paths, layer_key, layer_variables, with_layer_variables
 from gradflow.nn.chains import chain as make_chain
 from gradflow.nn.mlp import MLPStack
 
@@ -162,7 +162,7 @@ def _put(tree: Any, path: tuple[str, ...], value: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model", "layers", "owners"))
 def _variances(
-    model: Any, variables: Any, x: jax.Array, layers: tuple[str, ...] | None, owners: tuple
+    model: Any, variables: Any, x: jax.Array, layers: tuple[str, ...] | str | None, owners: tuple
 ) -> jax.Array:
     """The measured output variance of every layer of the chain (one compiled program per model).
 
@@ -218,8 +218,9 @@ def lsuv(
       variables: its variables (from `model.init`); not modified.
       x: a batch of inputs as the model takes it, batch axis first, at least 2 examples (the
         paper uses one minibatch).
-      layers: the layers to process, as in `gradflow.nn.chain`. Default: the model's default
-        cuts; for an `MLPStack` ("embed", "blocks", "head") (("embed", "blocks") skips the head).
+      layers: the layers to process, as in `gradflow.nn.chain`. Default: the whole model
+        (`gradflow.nn.chains.WHOLE`: an adapted model's default cuts; an `MLPStack`'s embed,
+        blocks and head; ("embed", "blocks") skips its head).
       tol: stop rescaling a layer once |Var(output) - 1| < tol.
       max_iters: at most this many rescalings per layer (0: orthonormal pre-init only).
       key: for the orthonormal draws; None uses jax.random.key(0).
@@ -239,9 +240,7 @@ def lsuv(
         layer whose output variance is 0 or not finite (it cannot be rescaled to 1).
     """
     x = _check(model, variables, x, tol, max_iters, measure)
-    if layers is None and isinstance(model, MLPStack):
-        layers = ("embed", "blocks", "head") if model.num_outputs is not None else ("embed", "blocks")
-    layers = (layers,) if isinstance(layers, str) else (None if layers is None else tuple(layers))
+    layers = WHOLE if layers is None else layer_key(layers)
     c = make_chain(model, variables, x, layers=layers, check=False)
     todo, owners = [], []  # (index, segment, i, kernel paths) per layer to rescale
     index = 0

@@ -25,9 +25,9 @@ initialization in trial runs (see experiments/pretraining.py).
 
 Which layers: the model's layer chain (`gradflow.nn.chain`), bottom up, every layer with a
 kernel except the one producing the model's output (the supervised layer, left as given). An
-`MLPStack` runs as the chain embed, blocks[1..L] (layers=("embed", "blocks"); ("blocks",) keeps
-the embed), its head the readout. Its embed is a plain linear `Dense(width)` (no activation),
-trained as a *linear* autoencoder of the input x (with width >= input dim it can reconstruct x
+`MLPStack` runs as its whole chain embed, blocks[1..L], head (`layers=WHOLE`, the default; the
+head is the supervised layer; ("blocks",) keeps the embed). Its embed is a plain linear
+`Dense(width)` (no activation), trained as a *linear* autoencoder of the input x (with width >= input dim it can reconstruct x
 exactly, so it mostly sets a well-conditioned projection); each block is its own dense +
 activation (the block's parameters sliced from the stacked depth axis). Any linen model cut at
 its Dense layers works the same way; its decoders are linear ("mirror" knows the activation
@@ -66,9 +66,11 @@ from jax.typing import ArrayLike
 
 from gradflow._checks import check_bool, check_int
 from gradflow.nn.chains import (
+    WHOLE,
     Chain,
     builds_chain,
     kernel_paths,
+    layer_key,
     layer_map,
     layer_variables,
     with_layer_variables,
@@ -306,7 +308,7 @@ def _greedy(c: Chain) -> list[tuple[int, int, int]]:
 @functools.partial(jax.jit, static_argnames=("model", "layers", "cfg"))
 def _pretrain(
     model: Any,
-    layers: tuple[str, ...] | None,
+    layers: tuple[str, ...] | str | None,
     params: Params,
     x: jax.Array,
     cfg: PretrainConfig,
@@ -381,8 +383,9 @@ def pretrain(
       x: the training inputs, shape (N, ...) as the model takes them, N >= cfg.batch_size
         (labels are not used).
       cfg: the pretraining config.
-      layers: the layers, as in `gradflow.nn.chain` (default: the model's default cuts;
-        `MLPStack`: ("embed", "blocks"); ("blocks",) keeps the embed as given).
+      layers: the layers, as in `gradflow.nn.chain` (default: the whole model, `WHOLE`; the
+        layer producing the output is the supervised one and stays. `MLPStack`: embed and
+        blocks are pretrained; ("blocks",) keeps the embed as given).
       num_layers: pretrain only the lowest `num_layers` layers of the greedy order (MLPStack:
         embed = layer 0, block l = layer l), in [1, G]; None pretrains all. Higher layers
         are returned unchanged (bit for bit) and their loss rows are NaN. One compiled
@@ -401,9 +404,7 @@ def pretrain(
         raise ValueError(f"PretrainConfig.batch_size={cfg.batch_size} exceeds the {x.shape[0]} examples")
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("pretrain: x holds NaN/Inf values")
-    if layers is None and isinstance(model, MLPStack):
-        layers = ("embed", "blocks")
-    layers = (layers,) if isinstance(layers, str) else (None if layers is None else tuple(layers))
+    layers = WHOLE if layers is None else layer_key(layers)
     variables = {"params": params}
     c = make_chain(model, variables, x[: cfg.batch_size], layers=layers, check=False)
     greedy = _greedy(c)

@@ -12,6 +12,7 @@ import pytest
 
 from gradflow import spectra
 from gradflow.nn import chain, cut
+from gradflow.nn.chains import WHOLE
 from gradflow.numerics import x64
 
 
@@ -319,5 +320,8 @@ def test_stack_parts_recurrent_readout_and_a_users_chain_method():
     vr = rnn.init(jax.random.key(3), xs)
     c = chain(rnn, vr, xs)
     np.testing.assert_allclose(c.readout(c.final()), rnn.apply(vr, xs), rtol=1e-5, atol=1e-6)
+    # WHOLE: the model from x to y for any source (a stack's parts; an adapted model's default cuts)
+    assert chain(m, v, x, layers=WHOLE).layers == full.layers
     user = _HasChainMethod()
-    assert chain(user, user.init(jax.random.key(4), x), x).layers == ("Dense_0", "Dense_1")
+    vu = user.init(jax.random.key(4), x)
+    assert chain(user, vu, x).layers == chain(user, vu, x, layers=WHOLE).layers == ("Dense_0", "Dense_1")

@@ -73,6 +73,17 @@ from gradflow.nn._cuts import takes_train as takes_train
 
 Step = Callable[[Any, Any, jax.Array], jax.Array]
 
+# `layers=WHOLE`: the model from its input x to its output y, every part a layer (a stack's input
+# projection and head included; an adapted model's default cuts, which already run x -> y).
+WHOLE = "whole"
+
+
+def layer_key(layers: Sequence[str] | str | None) -> tuple[str, ...] | str | None:
+    """`layers` as a hashable value (a jit cache key): None, `WHOLE`, or a tuple of names."""
+    if layers is None or layers == WHOLE:
+        return layers
+    return (layers,) if isinstance(layers, str) else tuple(layers)
+
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -215,7 +226,8 @@ def chain(
       layers: cut points by module path or marker name (default: see the module docstring).
         `MLPStack`: which of its parts are layers, any of "embed", "blocks", "head" with
         "blocks" among them (default: the blocks, h0 = embed(x), the head as readout);
-        recurrent stacks: None (their layers are the time steps).
+        recurrent stacks: None (their layers are the time steps). `WHOLE` ("whole"): the model
+        from x to its output, whatever it is (consumers that treat every layer, as LSUV does).
       train: BatchNorm batch statistics (the batch map) instead of running averages.
       check: verify that no skip connection bypasses a cut (one jitted jvp per layer).
 
@@ -224,6 +236,8 @@ def chain(
     """
     if builds_chain(model):
         return model.chain(variables, x, train=train, layers=layers)
+    if layers == WHOLE:
+        layers = None
     try:
         from flax import nnx
 

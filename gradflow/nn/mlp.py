@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from gradflow import activations
 from gradflow._checks import check_choice, check_int
-from gradflow.nn.chains import Chain, Segment, provides_chain
+from gradflow.nn.chains import WHOLE, Chain, Segment, provides_chain
 from gradflow.nn.layers import PReLU, RReLU
 
 NORMS = (None, "batch", "layer")
@@ -225,9 +225,11 @@ class MLPStack(nn.Module):
         layers: which parts are layers, any of "embed", "blocks", "head" with "blocks" among
         them. Default ("blocks",): the layers are "blocks[1]" .. "blocks[L]", h0 = embed(x) and
         `readout` is the head. With "embed", h0 = x and the embed is the first layer; with
-        "head", the head is the last layer. `train=True` is the BatchNorm batch map (x must be
+        "head", the head is the last layer; `WHOLE` is all of them. `train=True` is the BatchNorm batch map (x must be
         a batch).
         """
+        if layers == WHOLE:
+            layers = ("embed", "blocks") + (("head",) if self.num_outputs is not None else ())
         parts = ("blocks",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         wanted = tuple(p for p in ("embed", "blocks", "head") if p in parts)
         if "blocks" not in parts or wanted != parts or (self.num_outputs is None and "head" in parts):

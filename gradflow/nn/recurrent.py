@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from gradflow import activations
 from gradflow._checks import check_int
-from gradflow.nn.chains import Chain, Segment, provides_chain
+from gradflow.nn.chains import WHOLE, Chain, Segment, provides_chain
 
 _HEADS = ("last", "all")
 
@@ -100,7 +100,7 @@ class _RecurrentStack(nn.Module):
         s0 (default zeros) is the flat initial carry.
         """
         del train  # recurrent cells have no train/eval difference here
-        if layers is not None:
+        if layers not in (None, WHOLE):  # WHOLE: the time steps are the whole model
             raise ValueError(f"{type(self).__name__} has fixed layers (its time steps); pass layers=None")
         if x.ndim not in (2, 3):
             raise ValueError(
