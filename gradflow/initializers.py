@@ -139,8 +139,9 @@ def critical(activation: str | Callable, sigma_b: float = 0.0) -> Initializer:
     For relu, leaky relu and identity at sigma_b = 0 it coincides with `gain(activation)`.
 
     Raises:
-      ValueError: unknown activation, negative sigma_b, or no critical point in
-        sigma_w in [1e-3, 1e3] (e.g. an activation whose chi_1 never reaches 1).
+      ValueError: unknown activation, negative sigma_b, or no critical point at sigma_b (gelu
+        below sigma_b ~ 0.42, swish below ~ 0.75: the message names the smallest sigma_b that
+        has one).
     """
     from gradflow import theory  # lazy: theory is heavier and imports the activations registry
 
@@ -148,10 +149,32 @@ def critical(activation: str | Callable, sigma_b: float = 0.0) -> Initializer:
         raise ValueError(f"critical: sigma_b must be >= 0 and finite, got {sigma_b}")
     sigma_w = _quadrature.precise(theory.critical_sigma_w, activation, sigma_b)
     if not math.isfinite(sigma_w):
-        raise ValueError(f"critical: {activation!r} has no critical sigma_w at sigma_b={sigma_b}")
+        raise ValueError(f"critical: {_no_critical_point(activation, sigma_b)}")
     init = variance_scaling(sigma_w**2, "fan_in", "normal", "critical")
     init.sigma_w, init.sigma_b, init.bias_init = sigma_w, sigma_b, bias(sigma_b)
     return init
+
+
+def _no_critical_point(activation: str | Callable, sigma_b: float) -> str:
+    """Why there is no edge of chaos at sigma_b, and the smallest sigma_b on a grid that has one."""
+    import numpy as np
+
+    from gradflow import theory
+
+    grid = np.round(np.arange(0.05, 3.0001, 0.05), 2)
+    with _quadrature.x64():
+        found = np.asarray(theory.critical_sigma_w(activation, grid))
+    ok = np.isfinite(found) & (grid > sigma_b)
+    hint = (
+        f"the smallest sigma_b on a 0.05 grid with one is {grid[ok][0]:.2f} (sigma_w = {found[ok][0]:.4f})"
+        if ok.any()
+        else "none exists for sigma_b up to 3"
+    )
+    return (
+        f"{activation!r} has no critical sigma_w at sigma_b={sigma_b}: chi_1 at the fixed point reached "
+        "from q0 = 1 does not pass through 1 for sigma_w in [0.01, 100] (gelu and swish jump across it: "
+        f"their fixed point with chi_1 = 1 is unstable); {hint}"
+    )
 
 
 _NAMED: dict[str, Callable[..., Initializer]] = {

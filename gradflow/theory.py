@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow import _quadrature, activations
+from gradflow import _length_map, _quadrature, activations
 from gradflow._rmt import ENSEMBLE_S1 as ENSEMBLE_S1
 from gradflow._rmt import ReluJacobianStats as ReluJacobianStats
 from gradflow._rmt import ensemble_s1
@@ -49,11 +49,17 @@ from gradflow._rmt import residual_variance as residual_variance
 Array = jax.Array
 ActivationLike = str | Callable[..., Array]
 
-_Q_MIN, _Q_MAX = 1e-30, 1e30  # q is clamped here where a slope or a map divides by it
-_Q_STEPS = 64  # safeguarded Newton steps for q* (halving per step even at a double root)
+_Q_MIN, _Q_MAX = _length_map.Q_MIN, _length_map.Q_MAX  # q is clamped here where a slope divides by it
 _C_STEPS = 40  # Newton steps for c* from c = 0 (monotone: the correlation map is convex)
-_BISECT_STEPS = 60  # bisection in log sigma_w over [1e-3, 1e3]: width 14 / 2^60 ~ 1e-17
-_LOG_SW_BRACKET = (float(np.log(1e-3)), float(np.log(1e3)))
+_BISECT_STEPS = 60  # bisection in log sigma_w over [1e-2, 1e2]: width 9.2 / 2^60 ~ 1e-17
+_LOG_SW_BRACKET = (float(np.log(1e-2)), float(np.log(1e2)))
+
+
+# chi_1 differing by more than this across the final bisection bracket is a jump, not a root:
+# 1e-3 in float64; 0.012 in float32, where the length map of an activation that tends to relu
+# (softplus) is below rounding past q ~ 1e4 and chi_1 stops 0.01 short of its limit 1 there.
+def _jump(dtype) -> float:
+    return max(1e-3, 1e5 * float(jnp.finfo(dtype).eps))
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -102,22 +108,8 @@ def _length_slope(fn, kinks, q, sigma_w):
     return sigma_w**2 * _mean(fn, kinks, lambda u: u * fn(u) * dphi(u), qs) / qs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _q_star(fn, kinks, sigma_w, sigma_b):
-    def length(q):
-        return sigma_w**2 * _mean(fn, kinks, lambda u: fn(u) ** 2, q) + sigma_b**2
-
-    def step(_, q):
-        lq, slope = length(q), _length_slope(fn, kinks, q, sigma_w)
-        newton = q - (lq - q) / jnp.where(slope < 1, slope - 1, -1.0)
-        ok = (slope < 1) & jnp.isfinite(newton) & (newton >= 0)
-        return jnp.clip(jnp.where(ok, newton, lq), 0.0, _Q_MAX)
-
-    q = lax.fori_loop(0, _Q_STEPS, step, jnp.ones_like(sigma_w + sigma_b))
-    lq = length(q)
-    tol = jnp.sqrt(jnp.finfo(q.dtype).eps)
-    converged = (jnp.abs(lq - q) <= tol * (1 + q)) & (q < _Q_MAX / 2)
-    return jnp.where(converged, q, jnp.where(lq > q, jnp.inf, jnp.nan))
+def _q_star(fn, kinks, sigma_w, sigma_b, q0):
+    return _length_map.q_star(fn, kinks, sigma_w, sigma_b, q0)
 
 
 def _q_eval(q):
@@ -131,8 +123,8 @@ def _mu(fn, kinks, q, k):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _chi1(fn, kinks, sigma_w, sigma_b):
-    return sigma_w**2 * _mu(fn, kinks, _q_star(fn, kinks, sigma_w, sigma_b), 1)
+def _chi1(fn, kinks, sigma_w, sigma_b, q0):
+    return sigma_w**2 * _mu(fn, kinks, _q_star(fn, kinks, sigma_w, sigma_b, q0), 1)
 
 
 def _corr_map(fn, kinks, c, sigma_w, sigma_b, q):
@@ -149,10 +141,28 @@ def _corr_slope(fn, kinks, c, sigma_w, q):
     )
 
 
+class FixedPoint(NamedTuple):
+    """The mean-field fixed point a deep net reaches from q0, and the slopes that decide its fate.
+
+    Attributes:
+      q_star: the pre-activation variance the length map converges to from q0 (0 or +inf where
+        q collapses or grows without bound).
+      length_slope: L'(q*), the length map's slope there (< 1 stable, = 1 marginal); nan at +inf.
+      chi1: sigma_w^2 E[phi'(u)^2] at q* (its q -> inf limit where q* = +inf).
+      c_star: the stable fixed point of the correlation map (nan where q* = +inf).
+      chi_c: the correlation map's slope at c* (nan where q* = +inf).
+    """
+
+    q_star: Array
+    length_slope: Array
+    chi1: Array
+    c_star: Array
+    chi_c: Array
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _fixed_point(fn, kinks, sigma_w, sigma_b):
-    """(q*, chi_1, c*, chi_c, slope of the length map at q*)."""
-    q = _q_star(fn, kinks, sigma_w, sigma_b)
+def _fixed_point(fn, kinks, sigma_w, sigma_b, q0):
+    q = _q_star(fn, kinks, sigma_w, sigma_b, q0)
     chi = sigma_w**2 * _mu(fn, kinks, q, 1)
 
     def step(_, c):
@@ -167,20 +177,34 @@ def _fixed_point(fn, kinks, sigma_w, sigma_b):
     ordered = chi <= 1
     c = jnp.where(ordered, 1.0, c_chaos)
     chi_c = jnp.where(ordered, chi, _corr_slope(fn, kinks, c_chaos, sigma_w, q))
-    slope_q = _length_slope(fn, kinks, q, sigma_w)
     finite = jnp.isfinite(q)
     nan = jnp.full_like(q, jnp.nan)
-    return q, chi, jnp.where(finite, c, nan), jnp.where(finite, chi_c, nan), jnp.where(finite, slope_q, nan)
+    slope = _length_slope(fn, kinks, q, sigma_w)
+    return FixedPoint(
+        q, jnp.where(finite, slope, nan), chi, jnp.where(finite, c, nan), jnp.where(finite, chi_c, nan)
+    )
 
 
 def _depth_scale(slope):
     return jnp.where(slope >= 1, jnp.inf, -1.0 / jnp.log(slope))
 
 
-def _broadcast(core, activation, sigma_w, sigma_b, *extra):
+def _check_q0(q0: Any) -> None:
+    try:
+        a = np.asarray(q0, dtype=float)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if not np.all(np.isfinite(a) & (a > 0)):
+        raise ValueError(f"q0 (the input's pre-activation variance) must be positive and finite, got {q0!r}")
+
+
+def _broadcast(core, activation, sigma_w, sigma_b, q0, *extra):
     _check_sigmas(sigma_w=sigma_w, sigma_b=sigma_b)
+    _check_q0(q0)
     fn, kinks = _resolve(activation)
-    return jnp.vectorize(functools.partial(core, fn, kinks))(_float(sigma_w), _float(sigma_b), *extra)
+    return jnp.vectorize(functools.partial(core, fn, kinks))(
+        _float(sigma_w), _float(sigma_b), _float(q0), *extra
+    )
 
 
 # ----------------------------------------------------------------------------- mean field
@@ -200,16 +224,36 @@ def length_map(activation: ActivationLike, q: ArrayLike, sigma_w: ArrayLike, sig
     return jnp.vectorize(one)(_float(q), _float(sigma_w), _float(sigma_b))
 
 
-def q_star(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike) -> Array:
-    """The fixed point q* = L(q*) of the length map reached from q = 1.
+def fixed_point(
+    activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0
+) -> FixedPoint:
+    """The fixed point of the length map that a deep net reaches from an input of variance q0.
 
-    Found by 64 Newton steps on L(q) - q, each replaced by the plain iteration q <- L(q) where
-    the map is not locally contracting (L'(q) >= 1). Returns +inf where q grows without bound
-    (relu-like activations with sigma_w^2 E[phi'^2] > 1 at large q), nan if no convergence.
-    tanh with sigma_b = 0 and sigma_w <= 1 gives q* = 0 (to ~1e-15 at sigma_w = 1, where the
-    root is double).
+    This is the one definition behind `q_star`, `chi1`, `c_star`, `chi_c`, `depth_scales`,
+    `critical_sigma_w`, `phase_diagram` and `initializers.critical`. The length map is
+    nondecreasing, so the iterates q_l = L(q_{l-1}) from q_1 = q0 move monotonically to the
+    nearest root of L(q) = q in the direction of L(q0) - q0 (see `gradflow._length_map` for the
+    solver and its accuracy); where there is none they go to 0 or +inf. Other roots are never
+    reached and never used: gelu and swish at sigma_b = 0 have q = 0 stable (slope
+    sigma_w^2 / 4 < 1 for sigma_w < 2) and an unstable positive root, so which one a net goes to,
+    and its chi_1, depends on q0. A q0 that is itself a root stays there (relu at the critical
+    sigma_w and sigma_b = 0 has every q fixed).
+
+    Conventions: chi_1 at q* = +inf is its q -> inf limit (finite for asymptotically linear
+    activations); c*, chi_c and the length slope are nan there. At q* = 0 the slopes are their
+    q -> 0 limits. Broadcasts over sigma_w, sigma_b and q0.
     """
-    return _broadcast(_q_star, activation, sigma_w, sigma_b)
+    return FixedPoint(*_broadcast(_fixed_point, activation, sigma_w, sigma_b, q0))
+
+
+def q_star(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0) -> Array:
+    """The fixed point q* = L(q*) that the length map reaches from q0 (`fixed_point`).
+
+    +inf where q grows without bound (relu-like activations with sigma_w^2 E[phi'^2] > 1 at
+    large q, or relu at sigma_w = sqrt(2) with a bias, where q grows linearly); 0 where it
+    collapses (tanh with sigma_b = 0 and sigma_w <= 1).
+    """
+    return _broadcast(_q_star, activation, sigma_w, sigma_b, q0)
 
 
 def correlation_map(
@@ -221,40 +265,55 @@ def correlation_map(
 ) -> Array:
     """The correlation map C(c) = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q  (Poole et al. 2016).
 
-    (u1, u2) are Gaussian with variances q and correlation c; `q` defaults to q*(sigma_w, sigma_b),
-    where C(1) = 1. Broadcasts over c, sigma_w, sigma_b (and q).
+    (u1, u2) are Gaussian with variances q and correlation c; `q` defaults to q*(sigma_w, sigma_b)
+    from q0 = 1, where C(1) = 1. Broadcasts over c, sigma_w, sigma_b (and q).
     """
     _check_sigmas(sigma_w=sigma_w, sigma_b=sigma_b)
     fn, kinks = _resolve(activation)
     sw, sb = _float(sigma_w), _float(sigma_b)
-    qv = _broadcast(_q_star, activation, sw, sb) if q is None else _float(q)
+    qv = _broadcast(_q_star, activation, sw, sb, 1.0) if q is None else _float(q)
     return jnp.vectorize(functools.partial(_corr_map, fn, kinks))(_float(c), sw, sb, qv)
 
 
-def c_star(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike) -> Array:
-    """The stable fixed point c* of the correlation map: 1 in the ordered phase (chi_1 <= 1),
-    the smaller root of C(c) = c in [0, 1) in the chaotic phase (Poole et al. 2016)."""
-    return _broadcast(_fixed_point, activation, sigma_w, sigma_b)[2]
+def correlation_slope(activation: ActivationLike, c: ArrayLike, sigma_w: ArrayLike, q: ArrayLike) -> Array:
+    """C'(c) = sigma_w^2 E[phi'(u1) phi'(u2)], Var u_i = q, Corr(u1, u2) = c  (Price's theorem).
+
+    The slope of the correlation map at any (c, q); sigma_b drops out. At c = 1 it is
+    sigma_w^2 E[phi'(u)^2], i.e. chi_1 evaluated at that q; at (c*, q*) it is chi_c.
+    Broadcasts over c, sigma_w and q.
+    """
+    _check_sigmas(sigma_w=sigma_w, q=q)
+    fn, kinks = _resolve(activation)
+    return jnp.vectorize(functools.partial(_corr_slope, fn, kinks))(_float(c), _float(sigma_w), _float(q))
 
 
-def chi1(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike) -> Array:
-    """chi_1 = sigma_w^2 E_z[phi'(sqrt(q*) z)^2]  (Poole et al. 2016; Schoenholz et al. 2017).
+def c_star(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0) -> Array:
+    """The stable fixed point c* of the correlation map at q* (`fixed_point`): 1 in the ordered
+    phase (chi_1 <= 1), the smaller root of C(c) = c in [0, 1) in the chaotic phase (Poole et al. 2016)."""
+    return fixed_point(activation, sigma_w, sigma_b, q0).c_star
+
+
+def chi1(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0) -> Array:
+    """chi_1 = sigma_w^2 E_z[phi'(sqrt(q*) z)^2] at the fixed point reached from q0  (Poole et al. 2016;
+    Schoenholz et al. 2017).
 
     The mean growth per layer of squared gradient norms (and of ||J u||^2); chi_1 = 1 is the
     order-to-chaos transition.
     """
-    return _broadcast(_chi1, activation, sigma_w, sigma_b)
+    return _broadcast(_chi1, activation, sigma_w, sigma_b, q0)
 
 
-def chi_c(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike) -> Array:
+def chi_c(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0) -> Array:
     """chi_c = C'(c*) = sigma_w^2 E[phi'(u1) phi'(u2)], Corr(u1, u2) = c*  (Schoenholz et al. 2017).
 
     Equal to chi_1 in the ordered phase (c* = 1), below 1 in the chaotic phase.
     """
-    return _broadcast(_fixed_point, activation, sigma_w, sigma_b)[3]
+    return fixed_point(activation, sigma_w, sigma_b, q0).chi_c
 
 
-def depth_scales(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike) -> tuple[Array, Array]:
+def depth_scales(
+    activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, q0: ArrayLike = 1.0
+) -> tuple[Array, Array]:
     """The depths (xi_q, xi_c) over which q and c approach their fixed points  (Schoenholz et al. 2017).
 
     xi_q^-1 = -log(chi_1 + sigma_w^2 E[phi''(u) phi(u)]), the log-slope of the length map
@@ -262,38 +321,50 @@ def depth_scales(activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayL
     kinked phi); xi_c^-1 = -log(chi_c), which diverges on the critical line chi_1 = 1 from
     both sides and equals -1 / log(chi_1) in the ordered phase. A slope >= 1 gives +inf.
     """
-    _, _, _, cc, slope = _broadcast(_fixed_point, activation, sigma_w, sigma_b)
-    return _depth_scale(slope), _depth_scale(cc)
+    fp = fixed_point(activation, sigma_w, sigma_b, q0)
+    return _depth_scale(fp.length_slope), _depth_scale(fp.chi_c)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _critical(fn, kinks, sigma_b):
-    def excess(log_sw):
-        return _chi1(fn, kinks, jnp.exp(log_sw), sigma_b) - 1
+def _critical(fn, kinks, sigma_b, q0):
+    def chi(log_sw):
+        return _chi1(fn, kinks, jnp.exp(log_sw), sigma_b, q0)
 
     def step(_, bracket):
         lo, hi = bracket
         mid = (lo + hi) / 2
-        up = excess(mid) > 0
+        up = chi(mid) > 1
         return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
 
     lo0, hi0 = (jnp.full_like(sigma_b, v) for v in _LOG_SW_BRACKET)
-    valid = (excess(lo0) < 0) & (excess(hi0) > 0)
+    valid = (chi(lo0) < 1) & (chi(hi0) > 1)
     lo, hi = lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0))
-    return jnp.where(valid, jnp.exp((lo + hi) / 2), jnp.nan)
+    continuous = jnp.abs(chi(hi) - chi(lo)) <= _jump(lo.dtype)
+    return jnp.where(valid & continuous, jnp.exp((lo + hi) / 2), jnp.nan)
 
 
-def critical_sigma_w(activation: ActivationLike, sigma_b: ArrayLike = 0.0) -> Array:
-    """The sigma_w on the critical line chi_1(sigma_w, sigma_b) = 1, at the fixed point q*.
+def critical_sigma_w(activation: ActivationLike, sigma_b: ArrayLike = 0.0, q0: ArrayLike = 1.0) -> Array:
+    """The sigma_w at which chi_1 = 1 at the fixed point reached from q0 (`fixed_point`).
 
-    Bisection in log sigma_w over [1e-3, 1e3] (60 steps); nan where chi_1 - 1 does not change
-    sign there. 1 for tanh at sigma_b = 0 and sqrt(2) for relu (any sigma_b); the curve in the
-    (sigma_w, sigma_b) plane is the edge of chaos of Poole et al. 2016 / Schoenholz et al. 2017.
-    Broadcasts over sigma_b.
+    Bisection in log sigma_w over [1e-2, 1e2] (60 steps) on chi1(sigma_w, sigma_b, q0) - 1,
+    which is nondecreasing in sigma_w for the registered activations; the result is accepted
+    only where chi_1 is continuous there (it differs by <= 1e-3 across the final bracket in
+    float64, 0.012 in float32), so
+    it is always a point with chi_1 = 1, never the place where chi_1 jumps across 1. nan where
+    there is none: gelu for sigma_b below about 0.42 and swish below about 0.75, whose fixed
+    point with chi_1 = 1 is unstable (L'(q*) > 1), so chi_1 jumps from < 1 (q falls to a small
+    stable fixed point) to > 1 (q grows without bound) as sigma_w passes the value where the
+    unstable root crosses q0. The edge of chaos can sit at q* = 0 (tanh, elu, selu at
+    sigma_b = 0: sigma_w = 1 / phi'(0) in the mean of the one-sided slopes squared) or at
+    q* = +inf (relu-like activations with a bias, softplus: q grows sub-exponentially and
+    chi_1 tends to 1). 1 for tanh at sigma_b = 0 and sqrt(2) for relu (any sigma_b); the curve
+    in the (sigma_w, sigma_b) plane is the edge of chaos of Poole et al. 2016 / Schoenholz et
+    al. 2017. Broadcasts over sigma_b (and q0).
     """
     _check_sigmas(sigma_b=sigma_b)
+    _check_q0(q0)
     fn, kinks = _resolve(activation)
-    return jnp.vectorize(functools.partial(_critical, fn, kinks))(_float(sigma_b))
+    return jnp.vectorize(functools.partial(_critical, fn, kinks))(_float(sigma_b), _float(q0))
 
 
 class PhaseDiagram(NamedTuple):
@@ -310,18 +381,28 @@ class PhaseDiagram(NamedTuple):
 
 
 def phase_diagram(
-    activation: ActivationLike, sigma_w_grid: ArrayLike, sigma_b_grid: ArrayLike
+    activation: ActivationLike, sigma_w_grid: ArrayLike, sigma_b_grid: ArrayLike, q0: float = 1.0
 ) -> PhaseDiagram:
     """q*, chi_1, chi_c, xi_q, xi_c and the ordered/chaotic label on the grid, in one vmapped call.
 
-    Cost: the 2-D quadratures of the Newton steps for c* dominate (tens of ms per grid point on
-    a CPU core, after a few seconds of compilation).
+    All at the fixed point reached from q0 (`fixed_point`). Cost: the 2-D quadratures of the
+    Newton steps for c* dominate (tens of ms per grid point on a CPU core, after a few seconds
+    of compilation).
     """
     sw, sb = _float(sigma_w_grid), _float(sigma_b_grid)
     if sw.ndim != 1 or sb.ndim != 1:
         raise ValueError(f"phase_diagram needs 1-D grids, got shapes {sw.shape} and {sb.shape}")
-    q, chi, _, cc, slope = _broadcast(_fixed_point, activation, sw[:, None], sb[None, :])
-    return PhaseDiagram(sw, sb, q, chi, cc, _depth_scale(slope), _depth_scale(cc), chi > 1)
+    fp = fixed_point(activation, sw[:, None], sb[None, :], q0)
+    return PhaseDiagram(
+        sw,
+        sb,
+        fp.q_star,
+        fp.chi1,
+        fp.chi_c,
+        _depth_scale(fp.length_slope),
+        _depth_scale(fp.chi_c),
+        fp.chi1 > 1,
+    )
 
 
 # ----------------------------------------------------------------------------- gradients across depth
@@ -391,11 +472,16 @@ def batchnorm_gradient_growth(activation: ActivationLike = "relu") -> Array:
 
 
 def derivative_moment(
-    activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, k: int = 1
+    activation: ActivationLike, sigma_w: ArrayLike, sigma_b: ArrayLike, k: int = 1, q0: ArrayLike = 1.0
 ) -> Array:
-    """mu_k = E_z[phi'(sqrt(q*) z)^(2k)]  (Pennington, Schoenholz & Ganguli 2017)."""
+    """mu_k = E_z[phi'(sqrt(q*) z)^(2k)] at the fixed point reached from q0  (Pennington, Schoenholz
+    & Ganguli 2017)."""
     return _broadcast(
-        lambda fn, kinks, sw, sb: _mu(fn, kinks, _q_star(fn, kinks, sw, sb), k), activation, sigma_w, sigma_b
+        lambda fn, kinks, sw, sb, q0: _mu(fn, kinks, _q_star(fn, kinks, sw, sb, q0), k),
+        activation,
+        sigma_w,
+        sigma_b,
+        q0,
     )
 
 
