@@ -112,8 +112,13 @@ def test_default_grid_covers_every_axis_value():
         assert values == expected, axis
     assert {c.cell for c in rec} == set(cfg.cells)
     assert len(_groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
-    full, _ = atlas.cases(atlas.AtlasConfig(grid="full"))
-    assert len(full) == 7 * 6 * 4 * 3
+    full_cfg = atlas.AtlasConfig(grid="full")
+    full, _ = atlas.cases(full_cfg)
+    # gelu has no edge of chaos at sigma_b = 0: its critical and orthogonal rows are left out, and named
+    assert len(full) == 7 * 6 * 4 * 3 - 2 * 4 * 3
+    assert {n.split("-plain")[0].split("-batchnorm")[0] for n, _ in atlas.skipped(cfg)} == {"gelu-critical"}
+    assert {n.split("-")[1] for n, _ in atlas.skipped(full_cfg)} == {"critical", "orthogonal"}
+    assert all("edge of chaos" in why for _, why in atlas.skipped(full_cfg))
 
 
 def test_verdict_rule():
@@ -152,3 +157,20 @@ def test_report_numbers_are_the_records_numbers(atlas_run):
                 assert text == want
             else:  # printed to 3 significant digits (accuracy: 3 decimals)
                 assert float(text) == pytest.approx(want, rel=5e-3, abs=5e-4), (c[0], key, text, want)
+
+
+def test_a_net_at_chance_is_never_just_healthy():
+    # Signal propagation at init and trainability in the budget are two claims: a net whose test
+    # accuracy is within 3 standard errors of guessing says so in both cells.
+    base = {"name": "x", "kind": "feedforward", "label": "healthy (spreads)", "chance_accuracy": 0.1}
+    rows = [
+        {**base, "final_accuracy": 0.092, "test_examples": 500, "mean_field_rate": 0.0},
+        {**base, "final_accuracy": 0.264, "test_examples": 500, "mean_field_rate": -0.529},
+        {**base, "final_accuracy": 0.13, "test_examples": 500},  # 0.1 + 3 * 0.0134 = 0.140
+        {**base, "final_accuracy": 0.15, "test_examples": 500},
+    ]
+    cells = report.table_rows(rows)
+    col = {k: j for j, (k, _) in enumerate(report.COLUMNS)}
+    assert [c[col["final_accuracy"]] for c in cells] == ["0.092 (chance)", "0.264", "0.130 (chance)", "0.150"]
+    assert [c[col["label"]].endswith("untrained in budget") for c in cells] == [True, False, True, False]
+    assert cells[0][col["mean_field_rate"]] == "0" and cells[1][col["mean_field_rate"]] == "-0.529"

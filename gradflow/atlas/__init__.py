@@ -32,6 +32,7 @@ from gradflow.atlas.grid import RecurrentCase as RecurrentCase
 from gradflow.atlas.grid import cases as cases
 from gradflow.atlas.grid import mean_field_rate as mean_field_rate
 from gradflow.atlas.grid import sigma_w as sigma_w
+from gradflow.atlas.grid import skipped as skipped
 from gradflow.atlas.runner import load_arrays as load_arrays
 from gradflow.atlas.runner import load_rows as load_rows
 from gradflow.atlas.runner import run as run
@@ -51,6 +52,7 @@ __all__ = [
     "cases",
     "mean_field_rate",
     "sigma_w",
+    "skipped",
     "load_arrays",
     "load_rows",
     "run",

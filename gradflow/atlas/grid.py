@@ -4,11 +4,10 @@ and mean-field predictions."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
-import jax.numpy as jnp
-
-from gradflow import theory
+from gradflow import _quadrature, theory
 from gradflow._checks import check_subset
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
@@ -115,17 +114,25 @@ class RecurrentCase:
 
 
 def cases(cfg: AtlasConfig) -> tuple[list[Case], list[RecurrentCase]]:
-    """The configurations of `cfg`'s grid (feed-forward, recurrent)."""
+    """The configurations of `cfg`'s grid (feed-forward, recurrent), less the `skipped` ones."""
     rec = [RecurrentCase(c, int(t)) for c in cfg.cells for t in cfg.seq_lens]
+    return [c for c in _grid(cfg) if unavailable(c) is None], rec
+
+
+def skipped(cfg: AtlasConfig) -> list[tuple[str, str]]:
+    """(name, reason) of the configurations of `cfg`'s grid that cannot be built."""
+    return [(c.name, why) for c in _grid(cfg) if (why := unavailable(c)) is not None]
+
+
+def _grid(cfg: AtlasConfig) -> list[Case]:
     if cfg.grid == "full":
-        ff = [
+        return [
             Case(a, i, arch, int(d))
             for arch in cfg.archs
             for a in cfg.activations
             for d in cfg.depths
             for i in cfg.inits
         ]
-        return ff, rec
     # The default grid (18 compiled programs, one per group of `_groups`): every activation x
     # Gaussian init at the middle depth, orthogonal for tanh and relu; the classic cases at the
     # other depths; BatchNorm, LayerNorm and ReZero for relu/He at the deepest.
@@ -142,7 +149,23 @@ def cases(cfg: AtlasConfig) -> tuple[list[Case], list[RecurrentCase]]:
     ff += [Case(a, i, "plain", d) for d in depths if d != mid for a, i in classic]
     ff += [Case("relu", "he", arch, deep) for arch in ("batchnorm", "layernorm", "rezero")]
     keep = [c for c in ff if c.activation in cfg.activations and c.init in cfg.inits and c.arch in cfg.archs]
-    return list(dict.fromkeys(keep)), rec
+    return list(dict.fromkeys(keep))
+
+
+def unavailable(case: Case) -> str | None:
+    """Why a configuration of the grid cannot be built (None if it can): an initialization at the
+    edge of chaos for an activation that has none at sigma_b = 0 (gelu: `theory.critical_sigma_w`)."""
+    if case.init in ("critical", "orthogonal") and not math.isfinite(_critical(case.activation)):
+        return (
+            f"{case.activation} has no edge of chaos at sigma_b = 0 (chi_1 at the fixed point jumps across 1; "
+            "see theory.critical_sigma_w)"
+        )
+    return None
+
+
+@functools.cache
+def _critical(activation: str) -> float:
+    return _quadrature.precise(theory.critical_sigma_w, activation, 0.0)
 
 
 def sigma_w(activation: str, init: str, width: int) -> float:
@@ -151,7 +174,8 @@ def sigma_w(activation: str, init: str, width: int) -> float:
     naive_small / naive_large: N(0, 0.01^2) and N(0, 1) whatever the width (the classic naive
     choices); glorot: 2 / (fan_in + fan_out) = 1 / width for square layers; he: 2 / fan_in;
     critical and orthogonal: the order-to-chaos value chi_1 = 1 at sigma_b = 0
-    (`theory.critical_sigma_w`; orthogonal weights are scaled by it).
+    (`theory.critical_sigma_w` in float64; orthogonal weights are scaled by it; nan where there
+    is none, and `cases` leaves such configurations out).
     """
     if init == "naive_small":
         return 0.01 * math.sqrt(width)
@@ -161,15 +185,18 @@ def sigma_w(activation: str, init: str, width: int) -> float:
         return 1.0
     if init == "he":
         return math.sqrt(2.0)
-    return float(theory.critical_sigma_w(activation, 0.0))
+    return _critical(activation)
 
 
 def mean_field_rate(case: Case, width: int) -> float | None:
     """Predicted log mean squared singular value of J_l per layer (None where no theory applies)."""
     if case.arch == "rezero":
         return 0.0  # alpha = 0 at init: every block is the identity
-    if case.arch == "batchnorm":
-        return float(jnp.log(theory.batchnorm_gradient_growth(case.activation)))
     if case.arch == "layernorm":
         return None
-    return float(jnp.log(theory.chi1(case.activation, sigma_w(case.activation, case.init, width), 0.0)))
+    if case.arch == "batchnorm":
+        rate = math.log(_quadrature.precise(theory.batchnorm_gradient_growth, case.activation))
+    else:
+        sw = sigma_w(case.activation, case.init, width)
+        rate = math.log(_quadrature.precise(theory.chi1, case.activation, sw, 0.0))
+    return 0.0 if abs(rate) < 1e-9 else rate  # 0 within the float64 quadrature's accuracy

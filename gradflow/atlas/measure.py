@@ -108,7 +108,7 @@ def _measure_group(
     logs, finite = _spectra_group(model, variables, x_spec, scales, bn)
 
     if cfg.epochs == 0:
-        return _rows(group, cfg, scales, logs, finite, None), {
+        return _rows(group, cfg, scales, logs, finite, None, ds), {
             f"{c.name}/log_sv": logs[j] for j, c in enumerate(group)
         }
     tcfg = TrainConfig(
@@ -125,7 +125,7 @@ def _measure_group(
     arrays_out.update(
         {f"{c.name}/grad_norm": np.asarray(res.epochs["grad_norm"][j]) for j, c in enumerate(group)}
     )
-    return _rows(group, cfg, scales, logs, finite, res.epochs), arrays_out
+    return _rows(group, cfg, scales, logs, finite, res.epochs, ds), arrays_out
 
 
 def _rows(
@@ -135,6 +135,7 @@ def _rows(
     logs: np.ndarray,
     finite: np.ndarray,
     epochs: dict | None,
+    ds: data.Dataset,
 ) -> list[dict]:
     bn = group[0].arch == "batchnorm"
     rows = []
@@ -165,6 +166,9 @@ def _rows(
             "log_grad_ratio": ratio,
             "grad_norm_first_epoch": None if first is None else [float(v) for v in first],
             "final_accuracy": acc,
+            # what the accuracy is judged against: a classifier that guesses, on this many examples
+            "chance_accuracy": 1.0 / ds.num_classes,
+            "test_examples": int(len(ds.y_test)),
             "diverged": diverged,
             "spectra_map": f"batch map (B={cfg.spectra_batch})" if bn else "per example",
         }

@@ -8,6 +8,7 @@ run without recomputing anything.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -30,8 +32,8 @@ COLUMNS = (
     ("measured_rate", "log mean s^2 / layer"),
     ("mean_field_rate", "mean field"),
     ("log10_grad_ratio", "log10 g_1/g_L"),
-    ("final_accuracy", "accuracy"),
-    ("label", "verdict"),
+    ("final_accuracy", "trained: test accuracy"),
+    ("label", "verdict (signal at init)"),
 )
 _LABEL_COLOURS = {"vanishing": "#cfe2ff", "exploding": "#f8d7da", "healthy": "#d1e7dd"}
 
@@ -45,6 +47,8 @@ def _fmt(v, key: str) -> str:
         return str(v)
     if not math.isfinite(v):
         return "-inf" if v < 0 else "inf"
+    if v == 0:
+        return "0"
     if key == "final_accuracy":
         return f"{v:.3f}"
     if key == "sigma_w":
@@ -52,15 +56,32 @@ def _fmt(v, key: str) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
 
 
+def at_chance(row: dict) -> bool:
+    """Whether a row's test accuracy is within 3 standard errors of guessing (1 / classes)."""
+    acc, chance, n = row.get("final_accuracy"), row.get("chance_accuracy"), row.get("test_examples")
+    if acc is None or chance is None or not n:
+        return False
+    return acc <= chance + 3 * math.sqrt(chance * (1 - chance) / n)
+
+
 def table_rows(rows: Sequence[dict]) -> list[list[str]]:
-    """The verdict table's cells, one list per configuration (see `COLUMNS`)."""
+    """The verdict table's cells, one list per configuration (see `COLUMNS`).
+
+    A verdict is about signal propagation at initialization; a net that trained no better than
+    chance in the atlas's short budget says so in both its accuracy and its verdict cell.
+    """
     out = []
     for r in rows:
         r = dict(r)
         g = r.get("log_grad_ratio")
         r["log10_grad_ratio"] = None if g is None else g / math.log(10.0)
+        chance = at_chance(r)
         if r.get("diverged"):
             r["final_accuracy"] = "diverged"
+        elif chance:
+            r["final_accuracy"] = f"{r['final_accuracy']:.3f} (chance)"
+        if chance and r["label"].startswith("healthy"):
+            r["label"] = f"{r['label']}, but untrained in budget"
         out.append([_fmt(r.get(k), k) for k, _ in COLUMNS])
     return out
 
@@ -78,7 +99,7 @@ def _plot_jacobian_growth(rows, arrays, path: pathlib.Path) -> bool:
         return False
     deep = max(r["depth"] for r in ff)
     chosen = [r for r in ff if r["depth"] == deep]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for r in chosen:
         logs = arrays.get(f"{r['name']}/log_sv")
         if logs is None:
@@ -93,10 +114,13 @@ def _plot_jacobian_growth(rows, arrays, path: pathlib.Path) -> bool:
             ls = np.arange(1, len(rms) + 1)
             ax.plot(ls, 0.5 * r["mean_field_rate"] * ls, "--", color=line.get_color(), lw=0.8)
     ax.set_xlabel("layer l")
-    ax.set_ylabel("log RMS singular value of J_l = dh_l/dh_0")
+    # symlog: linear within +-1 (the healthy curves stay apart), logarithmic beyond, so a
+    # sigmoid net at -850 does not flatten the rest
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylabel("natural log of the RMS singular value of J_l = dh_l/dh_0 (symlog axis)")
     ax.set_title(f"Jacobian growth at initialization, depth {deep} (dashed: mean field)")
     ax.axhline(0.0, color="k", lw=0.5)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -109,7 +133,7 @@ def _plot_gradients(rows, arrays, path: pathlib.Path) -> bool:
     if not ff:
         return False
     deep = max(r["depth"] for r in ff)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for r in ff:
         if r["depth"] != deep:
             continue
@@ -120,7 +144,7 @@ def _plot_gradients(rows, arrays, path: pathlib.Path) -> bool:
     ax.set_xlabel("layer l")
     ax.set_ylabel("||dL/dW_l|| (mean over the first epoch)")
     ax.set_title(f"Per-layer gradient norms during training, depth {deep}")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -139,21 +163,35 @@ def _plot_map(rows, path: pathlib.Path) -> bool:
     acts = [a for a in atlas.ACTIVATIONS if any(r["activation"] == a and r["depth"] == depth for r in ff)]
     inits = [i for i in atlas.INITS if any(r["init"] == i and r["depth"] == depth for r in ff)]
     grid = np.full((len(acts), len(inits)), np.nan)
-    labels = [["" for _ in inits] for _ in acts]
+    labels = [["not run" for _ in inits] for _ in acts]
     for r in ff:
         if r["depth"] == depth:
             i, j = acts.index(r["activation"]), inits.index(r["init"])
-            grid[i, j] = np.clip(r["measured_rate"], -3, 3) if math.isfinite(r["measured_rate"]) else -3
-            labels[i][j] = r["label"].split(" ")[0]
-    fig, ax = plt.subplots(figsize=(1.3 * len(inits) + 2, 0.6 * len(acts) + 1.5))
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
+            v = r["measured_rate"]
+            grid[i, j] = v if math.isfinite(v) else -np.inf
+            labels[i][j] = f"{_fmt(v, 'rate')}\n{r['label'].split(' ')[0]}"
+    fig, ax = plt.subplots(figsize=(1.5 * len(inits) + 2.5, 0.75 * len(acts) + 1.8))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")  # not run: grey, hatched below
+    shown = np.ma.masked_invalid(np.clip(grid, -3, 3))
+    im = ax.imshow(shown, cmap=cmap, vmin=-3, vmax=3, aspect="auto")
     ax.set_xticks(range(len(inits)), inits, rotation=30, ha="right")
     ax.set_yticks(range(len(acts)), acts)
     for i in range(len(acts)):
         for j in range(len(inits)):
-            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="log mean sigma^2 per layer (clipped to +-3)")
-    ax.set_title(f"The atlas at depth {depth}: blue vanishes, red explodes")
+            if np.isnan(grid[i, j]):
+                ax.add_patch(
+                    matplotlib.patches.Rectangle(
+                        (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="#999999", lw=0
+                    )
+                )
+            dark = np.isfinite(grid[i, j]) and abs(grid[i, j]) > 1.8 or grid[i, j] == -np.inf
+            ax.text(
+                j, i, labels[i][j], ha="center", va="center", fontsize=7, color="white" if dark else "black"
+            )
+    fig.colorbar(im, ax=ax, label="ln mean s^2 per layer (colour clipped at +-3)")
+    ax.set_title(
+        f"The atlas at depth {depth}: ln mean s^2 per layer in each cell; blue vanishes, red explodes"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,6 +217,18 @@ def _plot_recurrent(rows, path: pathlib.Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _skipped(config: dict) -> list[tuple[str, str]]:
+    """The grid's configurations that cannot be built (`atlas.grid.skipped`), from config.json."""
+    fields = {f.name for f in dataclasses.fields(atlas.AtlasConfig)}
+    try:
+        cfg = atlas.AtlasConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        )
+    except (TypeError, ValueError):
+        return []
+    return [] if "only" in config else atlas.skipped(cfg)
 
 
 FIGURES = {
@@ -228,6 +278,20 @@ def build(run_dir: str | pathlib.Path, *, seconds: float | None = None) -> pathl
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + (f"; measured in {seconds:.0f} s." if seconds else ".")
     )
+    ff = [r for r in rows if r["kind"] == "feedforward"]
+    chance = next((r["chance_accuracy"] for r in ff if r.get("chance_accuracy")), None)
+    if config.get("epochs") and ff:
+        untrained = sum(at_chance(r) for r in ff)
+        intro += (
+            f" Two claims, kept apart: the verdict is signal propagation at initialization; the accuracy is "
+            f"what {config['epochs']} epochs of Adam (lr {config.get('lr')}, batch {config.get('batch_size')}, "
+            f"{config.get('train_samples')} MNIST-1D examples) reached"
+            + (f", against chance {chance:.2f}" if chance else "")
+            + f". {untrained} of {len(ff)} feed-forward nets stayed at chance in that budget (marked)."
+        )
+    not_run = _skipped(config)
+    if not_run:
+        intro += " Not run: " + "; ".join(f"{n} ({why})" for n, why in not_run) + "."
     how = (
         "Columns: log s_max / log s_min are the natural logs of the largest and smallest singular values "
         "of the end-to-end Jacobian dh_L/dh_0 at initialization (through time for recurrent nets); "

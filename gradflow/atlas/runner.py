@@ -31,6 +31,12 @@ def _groups(ff: list[Case]) -> list[list[Case]]:
     return list(out.values())
 
 
+def _group_name(group: list[Case]) -> str:
+    """The arrays file of a group, named by what its configurations share: tanh-plain-L50-gaussian."""
+    c = group[0]
+    return f"{c.activation}-{c.arch}-L{c.depth}-{'orthogonal' if c.init == 'orthogonal' else 'gaussian'}"
+
+
 # what `report.build` writes beside the records: stale once the records are removed
 _REPORT_FILES = ("report.html", "report.md", "summary.json") + tuple(
     f"{n}.png" for n in ("atlas_map", "jacobian_growth", "gradient_norms", "recurrent")
@@ -50,7 +56,8 @@ def run(
 
     Writes `out/config.json`, appends one JSON line per configuration to `out/results.jsonl`,
     and saves per-group arrays to `out/arrays/<group>.npz` (per-layer log singular values and
-    per-layer gradient norms). Rows already in results.jsonl for the same config are reused; a
+    per-layer gradient norms; a group's file is named by what its configurations share,
+    e.g. `tanh-plain-L50-gaussian.npz`). Rows already in results.jsonl for the same config are reused; a
     directory holding another grid's results is refused (its finished rows are never dropped)
     unless `fresh`, which removes them first. `only` replaces the grid by explicit
     (feed-forward, recurrent) cases.
@@ -103,15 +110,15 @@ def run(
                             emit(done[c.name])
                         continue
                     group_rows, arrays = futures[i].result()
-                    runs.save_arrays(f"ff_{i:03d}", **arrays)
+                    runs.save_arrays(_group_name(group), **arrays)
                     for row in group_rows:
                         emit(row)
-            for i, case in enumerate(rec):
+            for case in rec:
                 if case.name in done:
                     emit(done[case.name])
                     continue
                 row, arrays = _measure_recurrent(case, cfg)
-                runs.save_arrays(f"rec_{i:03d}", **arrays)
+                runs.save_arrays(case.name, **arrays)
                 emit(row)
         return rows
     finally:
