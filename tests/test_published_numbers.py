@@ -80,7 +80,7 @@ def _relu_log_norm_ratios(key, width, depth):
 
     return jax.lax.map(
         one, key, batch_size=500
-    )  # vmapped in chunks: the weights of 3000 nets do not fit at once
+    )  # vmapped in chunks: the weights of 2500 nets do not fit at once
 
 
 @pytest.mark.parametrize("width, depth", [(50, 10), (100, 20)])
@@ -88,11 +88,11 @@ def test_relu_norm_fluctuations_hanin_nica_2020(width, depth):
     # Hanin & Nica 2020, "Products of many large random matrices and gradients in deep neural
     # networks": at He initialization log(||z_d||^2 / ||z_0||^2) is approximately Gaussian with
     # mean -5 beta / 2 and variance 5 beta, beta = d / n (beta = 0.2 here: mean -0.5, var 1).
-    # Per layer the ratio is (2/n) sum_i relu(g_i)^2 with mean 1 and variance 5/n. 3000 nets:
-    # standard errors 0.018 (mean) and 0.026 (variance); the O(beta / n) corrections are smaller.
+    # Per layer the ratio is (2/n) sum_i relu(g_i)^2 with mean 1 and variance 5/n. 2500 nets:
+    # standard errors 0.02 (mean) and 0.028 (variance); the O(beta / n) corrections are smaller.
     beta = depth / width
     logs = np.asarray(
-        _relu_log_norm_ratios(jax.random.split(jax.random.key(1), 3000), width, depth), np.float64
+        _relu_log_norm_ratios(jax.random.split(jax.random.key(1), 2500), width, depth), np.float64
     )
-    assert logs.mean() == pytest.approx(-5 * beta / 2, abs=0.06)
-    assert logs.var() == pytest.approx(5 * beta, rel=0.1)
+    assert logs.mean() == pytest.approx(-5 * beta / 2, abs=0.07)
+    assert logs.var() == pytest.approx(5 * beta, rel=0.12)
