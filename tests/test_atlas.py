@@ -3,7 +3,12 @@
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
+import time
 
+import numpy as np
 import pytest
 
 from gradflow import atlas
@@ -174,3 +179,36 @@ def test_a_net_at_chance_is_never_just_healthy():
     assert [c[col["final_accuracy"]] for c in cells] == ["0.092 (chance)", "0.264", "0.130 (chance)", "0.150"]
     assert [c[col["label"]].endswith("untrained in budget") for c in cells] == [True, False, True, False]
     assert cells[0][col["mean_field_rate"]] == "0" and cells[1][col["mean_field_rate"]] == "-0.529"
+
+
+def test_ctrl_c_keeps_every_finished_row_and_stops_at_once(tmp_path, monkeypatch):
+    # Three groups on two workers; the second "compiles" until released. Ctrl-C after the first
+    # row stops within a second, keeping the first group and the third (finished out of order).
+    release, calls = threading.Event(), []
+
+    def fake(group, cfg, ds, inits):
+        c = group[0]
+        calls.append(c.activation)
+        if c.activation == "tanh" and not release.is_set():
+            release.wait(30)
+        return [{"name": c.name, "kind": "feedforward", "label": "healthy"}], {
+            f"{c.name}/log_sv": np.zeros(3)
+        }
+
+    def ctrl_c_once(row):
+        if row["name"].startswith("relu"):
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    monkeypatch.setattr(runner, "_measure_group", fake)
+    monkeypatch.setattr(runner, "_workers", lambda: 2)
+    only = ([Case(a, "he", "plain", 4) for a in ("relu", "tanh", "sigmoid")], [])
+    cfg = atlas.AtlasConfig(width=8, epochs=0, train_samples=200)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt, match="2 configurations kept"):
+        atlas.run(cfg, tmp_path, progress=False, only=only, on_row=ctrl_c_once)
+    assert time.perf_counter() - t0 < 10
+    assert sorted(r["name"] for r in atlas.load_rows(tmp_path)) == ["relu-he-plain-L4", "sigmoid-he-plain-L4"]
+    release.set()
+    calls.clear()
+    rows = atlas.run(cfg, tmp_path, progress=False, only=only)
+    assert calls == ["tanh"] and [r["name"] for r in rows] == [c.name for c in only[0]]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -135,3 +136,30 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again.state.params, whole.state.params)
     with pytest.raises(ValueError, match="another config"):
         fit(model, TrainConfig(epochs=5), data, run_dir=run_dir)
+
+
+def test_ctrl_c_stops_at_an_epoch_boundary_with_a_checkpoint(tmp_path):
+    # The first SIGINT is a request: the epoch in flight finishes, is recorded and checkpointed,
+    # and fit returns `interrupted`; the rerun resumes to the uninterrupted result.
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "case.py").write_text(_CASE)
+    try:
+        from case import build
+    finally:
+        sys.path.remove(str(tmp_path))
+    model, cfg, data = build()
+    run_dir = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c(epoch, record):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = fit(model, cfg, data, run_dir=run_dir, callback=ctrl_c)
+    assert cut.interrupted and [h["epoch"] for h in cut.history] == [0, 1]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0", "1"]
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    resumed = fit(model, cfg, data, run_dir=run_dir)
+    whole = fit(model, cfg, data)
+    assert not resumed.interrupted and [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, whole.state.params)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import data, store
+from gradflow._interrupt import deferred_interrupt
 from gradflow.atlas.grid import AtlasConfig, Case, RecurrentCase, cases
 from gradflow.atlas.measure import _InitCache, _measure_group, _measure_recurrent
 
@@ -29,6 +30,11 @@ def _groups(ff: list[Case]) -> list[list[Case]]:
     for c in ff:
         out.setdefault((c.activation, c.arch, c.depth, c.init == "orthogonal"), []).append(c)
     return list(out.values())
+
+
+def _wait(future: concurrent.futures.Future) -> bool:
+    """Wait up to 0.2 s for `future` (so a Ctrl-C is seen within that), True if it is done."""
+    return not concurrent.futures.wait([future], timeout=0.2).not_done
 
 
 def _group_name(group: list[Case]) -> str:
@@ -61,6 +67,11 @@ def run(
     directory holding another grid's results is refused (its finished rows are never dropped)
     unless `fresh`, which removes them first. `only` replaces the grid by explicit
     (feed-forward, recurrent) cases.
+
+    Ctrl-C stops within a fraction of a second of the current wait: every finished
+    configuration is written (also those of groups that finished ahead of grid order), the
+    groups not started are dropped, and KeyboardInterrupt is raised; a rerun continues. Groups
+    still compiling run on in their threads (`gradflow atlas` exits without waiting for them).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -101,25 +112,47 @@ def run(
             # releases the GIL: groups run in a small thread pool so every core compiles. Results
             # are emitted (and written) in grid order as each group finishes.
             todo = [(i, g) for i, g in enumerate(groups) if not all(c.name in done for c in g)]
-            with concurrent.futures.ThreadPoolExecutor(max_workers=_workers()) as pool:
-                inits = _InitCache(cfg.seed, jnp.asarray(ds.x_train[: cfg.batch_size]))
-                futures = {i: pool.submit(_measure_group, g, cfg, ds, inits) for i, g in todo}
-                for i, group in enumerate(groups):
-                    if i not in futures:
-                        for c in group:
-                            emit(done[c.name])
-                        continue
-                    group_rows, arrays = futures[i].result()
-                    runs.save_arrays(_group_name(group), **arrays)
-                    for row in group_rows:
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=_workers())
+            with deferred_interrupt() as stop:
+                try:
+                    inits = _InitCache(cfg.seed, jnp.asarray(ds.x_train[: cfg.batch_size]))
+                    futures = {i: pool.submit(_measure_group, g, cfg, ds, inits) for i, g in todo}
+                    for i, group in enumerate(groups):
+                        if i not in futures:
+                            for c in group:
+                                emit(done[c.name])
+                            continue
+                        while not _wait(futures[i]) and not stop.requested:
+                            pass
+                        if stop.requested:
+                            break
+                        group_rows, arrays = futures.pop(i).result()
+                        runs.save_arrays(_group_name(group), **arrays)
+                        for row in group_rows:
+                            emit(row)
+                    for case in rec:
+                        if stop.requested:
+                            break
+                        if case.name in done:
+                            emit(done[case.name])
+                            continue
+                        row, arrays = _measure_recurrent(case, cfg)
+                        runs.save_arrays(case.name, **arrays)
                         emit(row)
-            for case in rec:
-                if case.name in done:
-                    emit(done[case.name])
-                    continue
-                row, arrays = _measure_recurrent(case, cfg)
-                runs.save_arrays(case.name, **arrays)
-                emit(row)
+                    if stop.requested:
+                        # keep every group that finished (out of grid order: a rerun finds them by
+                        # name), drop the ones not started, leave the compiling ones behind
+                        for i, f in futures.items():
+                            if f.done() and f.exception() is None:
+                                group_rows, arrays = f.result()
+                                runs.save_arrays(_group_name(groups[i]), **arrays)
+                                for row in group_rows:
+                                    emit(row)
+                        raise KeyboardInterrupt(
+                            f"atlas interrupted: {len(rows)} configurations kept in {out}"
+                        )
+                finally:
+                    pool.shutdown(wait=not stop.requested, cancel_futures=True)
         return rows
     finally:
         runs.close()

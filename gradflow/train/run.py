@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gradflow._interrupt import deferred_interrupt
 from gradflow.optim import make_optimizer
 from gradflow.store import RunStore, fingerprint
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
@@ -65,6 +66,8 @@ class TrainResult:
       diagnostic_layers: the layers of the per-layer diagnostics (the records' lists).
       omitted: per-layer diagnostics not recorded for this model, name -> reason.
       run_dir: where the records are, or None.
+      interrupted: Ctrl-C stopped the run after the last epoch in `history` (recorded and
+        checkpointed: a rerun with the same arguments resumes there).
     """
 
     state: TrainState
@@ -76,6 +79,7 @@ class TrainResult:
     diagnostic_layers: list[str] = dataclasses.field(default_factory=list)
     omitted: dict[str, str] = dataclasses.field(default_factory=dict)
     run_dir: Path | None = None
+    interrupted: bool = False
 
     @property
     def skipped(self) -> int:
@@ -301,28 +305,34 @@ def fit(
     if progress is None:
         progress = sys.stdout.isatty()
     bar = _Progress(progress, cfg.epochs, start)
-    try:
-        for epoch in range(start, cfg.epochs):
-            if done:
-                break
-            t0 = time.perf_counter()
-            batches = epoch_batches(x_train, y_train, data_key, epoch, cfg.batch_size)
-            state, metrics = epoch_fn(state, batches, done)
-            summary = jax.device_get(_summarize(metrics))
-            done = bool(summary["done"])
-            test = jax.device_get(evaluate(model, state, x_test, y_test, static)) if has_test else {}
-            rec = _record(epoch, summary, test, names, time.perf_counter() - t0)
-            history.append(rec)
+    # Ctrl-C stops at the next epoch boundary, after that epoch's record and checkpoint (one
+    # epoch is one compiled scan, so it cannot stop between steps); a second one stops at once.
+    with deferred_interrupt() as stop:
+        try:
+            for epoch in range(start, cfg.epochs):
+                if done:
+                    break
+                if stop.requested:
+                    break
+                t0 = time.perf_counter()
+                batches = epoch_batches(x_train, y_train, data_key, epoch, cfg.batch_size)
+                state, metrics = epoch_fn(state, batches, done)
+                summary = jax.device_get(_summarize(metrics))
+                done = bool(summary["done"])
+                test = jax.device_get(evaluate(model, state, x_test, y_test, static)) if has_test else {}
+                rec = _record(epoch, summary, test, names, time.perf_counter() - t0)
+                history.append(rec)
+                if store is not None:
+                    store.append(rec)
+                    store.save(epoch, state, done)
+                bar.update(rec)
+                if callback is not None:
+                    callback(epoch, rec)
+        finally:
+            bar.close()
             if store is not None:
-                store.append(rec)
-                store.save(epoch, state, done)
-            bar.update(rec)
-            if callback is not None:
-                callback(epoch, rec)
-    finally:
-        bar.close()
-        if store is not None:
-            store.close()
+                store.close()
+    interrupted = stop.requested and not done and (not history or history[-1]["epoch"] < cfg.epochs - 1)
 
     nonfinite = None
     for rec in history:
@@ -350,4 +360,5 @@ def fit(
         diagnostic_layers=lay.layer_names,
         omitted=dict(lay.omitted),
         run_dir=Path(run_dir) if run_dir is not None else None,
+        interrupted=interrupted,
     )
