@@ -405,6 +405,35 @@ def phase_diagram(
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _trajectory(fn, kinks, sigma_w, sigma_b, q1, depth):
+    dphi = _grad(fn)
+
+    def layer(q, _):
+        qe = jnp.clip(q, _Q_MIN, _Q_MAX)
+        chi = sigma_w**2 * _mean(fn, kinks, lambda u: dphi(u) ** 2, qe)
+        return sigma_w**2 * _mean(fn, kinks, lambda u: fn(u) ** 2, qe) + sigma_b**2, (q, chi)
+
+    return lax.scan(layer, q1, None, length=depth)[1]
+
+
+def length_trajectory(
+    activation: ActivationLike, sigma_w: float, sigma_b: float, q1: float, depth: int
+) -> tuple[Array, Array]:
+    """(q_l, chi_l) for l = 1..depth: the variances a net's pre-activations follow from q_1, and
+    sigma_w^2 E[phi'(u_l)^2] at each, the mean growth of ||J u||^2 through layer l.
+
+    Beside `fixed_point`, which is where they end: a net that starts far from q*, or at a
+    marginal q* (tanh at sigma_b = 0, sigma_w = 1, whose q_l falls like 1 / l), is described by
+    the trajectory, and sum_l log chi_l predicts its log mean squared singular value. Scalars in;
+    arrays of shape (depth,) out.
+    """
+    _check_sigmas(sigma_w=sigma_w, sigma_b=sigma_b, q1=q1)
+    fn, kinks = _resolve(activation)
+    q, chi = _trajectory(fn, kinks, _float(sigma_w), _float(sigma_b), _float(q1), int(depth))
+    return q, chi
+
+
 # ----------------------------------------------------------------------------- gradients across depth
 
 

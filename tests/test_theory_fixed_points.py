@@ -296,3 +296,17 @@ def test_softplus_is_critical_only_as_q_grows():
     far = float(_log_mean_sq_singular(activations.softplus, jax.random.key(6), sw, 0.3, 1e4)) / 50
     near = float(_log_mean_sq_singular(activations.softplus, jax.random.key(6), sw, 0.3, 1.0)) / 50
     assert abs(far) < 0.01 and near < -0.05, (far, near)
+
+
+def test_the_trajectory_predicts_a_net_that_never_reaches_its_fixed_point():
+    # tanh at its edge of chaos with sigma_b = 0 has q* = 0, a double root that q_l approaches
+    # like 1 / l: 50 layers from q_1 = 1 see chi_l < 1 all the way, and the sum of log chi_l
+    # along the length map's trajectory predicts the net (width 512) where the fixed point's 0 does not.
+    q, chi = T.length_trajectory("tanh", 1.0, 0.0, 1.0, 50)
+    assert float(q[0]) == 1.0 and np.all(np.diff(np.asarray(q)) < 0) and float(q[-1]) > 0.01
+    np.testing.assert_allclose(q[1:], T.length_map("tanh", q[:-1], 1.0, 0.0), rtol=1e-6)
+    predicted = float(jnp.mean(jnp.log(chi)))
+    # (the net's h_0 ~ N(0, 1) is its first pre-activation: J's factors are phi'(h_0), phi'(h_1), ...
+    # at variances q_1 = 1, q_2 = L(q_1), ..., the trajectory's)
+    measured = float(_log_mean_sq_singular(activations.tanh, jax.random.key(7), 1.0, 0.0, 1.0)) / 50
+    assert predicted < -0.02 and measured == pytest.approx(predicted, abs=0.01), (measured, predicted)

@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import math
 
+import jax.numpy as jnp
+
 from gradflow import _quadrature, theory
 from gradflow._checks import check_subset
 
@@ -188,15 +190,27 @@ def sigma_w(activation: str, init: str, width: int) -> float:
     return _critical(activation)
 
 
-def mean_field_rate(case: Case, width: int) -> float | None:
-    """Predicted log mean squared singular value of J_l per layer (None where no theory applies)."""
+def mean_field_rate(case: Case, width: int, h0_mean_square: float | None = None) -> float | None:
+    """Predicted log mean squared singular value of J_l per layer (None where no theory applies).
+
+    Plain stacks: (1/L) sum_l log chi_l along the length map's trajectory from the blocks' input
+    (q_1 = sigma_w^2 * mean(h_0^2), `theory.length_trajectory`) when `h0_mean_square` is given,
+    else log chi_1 at the fixed point. The trajectory is what a finite-depth net sees: at a
+    marginal fixed point (tanh's edge of chaos at sigma_b = 0 is q* = 0, approached like 1 / l)
+    the fixed point's 0 is never reached.
+    """
     if case.arch == "rezero":
         return 0.0  # alpha = 0 at init: every block is the identity
     if case.arch == "layernorm":
         return None
     if case.arch == "batchnorm":
         rate = math.log(_quadrature.precise(theory.batchnorm_gradient_growth, case.activation))
-    else:
+    elif h0_mean_square is None:
         sw = sigma_w(case.activation, case.init, width)
         rate = math.log(_quadrature.precise(theory.chi1, case.activation, sw, 0.0))
+    else:
+        sw = sigma_w(case.activation, case.init, width)
+        with _quadrature.x64():
+            _, chi = theory.length_trajectory(case.activation, sw, 0.0, sw**2 * h0_mean_square, case.depth)
+            rate = float(jnp.mean(jnp.log(chi)))
     return 0.0 if abs(rate) < 1e-9 else rate  # 0 within the float64 quadrature's accuracy

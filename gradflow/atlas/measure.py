@@ -70,9 +70,10 @@ class _InitCache:
 def _spectra_group(
     model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer log singular values (S, L, N) at initialization for each weight scale, and
-    whether each forward pass stayed finite (S,): chain and spectra in one compiled, vmapped
-    call, from the initialization the training run starts from."""
+    """Per-layer log singular values (S, L, N) at initialization for each weight scale, whether
+    each forward pass stayed finite (S,), and the mean square of the blocks' input h_0 (for the
+    mean-field trajectory): chain and spectra in one compiled, vmapped call, from the
+    initialization the training run starts from."""
 
     def one(scale, variables):
         c = model.chain(variables, x_spec if bn else x_spec[0], train=bn)
@@ -87,12 +88,12 @@ def _spectra_group(
             return (h, ok & jnp.all(jnp.isfinite(h))), None
 
         (_, finite), _ = jax.lax.scan(fwd, (h0, jnp.asarray(True)), p)
-        return spectra.log_singular_values(step, p, h0), finite
+        return spectra.log_singular_values(step, p, h0), finite, jnp.mean(h0**2)
 
-    logs, finite = jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=COMPILER_OPTIONS)(
+    logs, finite, m0 = jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=COMPILER_OPTIONS)(
         jnp.asarray(scales, x_spec.dtype), variables
     )
-    return np.asarray(logs), np.asarray(finite)
+    return np.asarray(logs), np.asarray(finite), float(m0[0])
 
 
 def _measure_group(
@@ -105,10 +106,10 @@ def _measure_group(
     variables = inits(head, cfg.width)
     x_spec = jnp.asarray(ds.x_train[: cfg.spectra_batch])
     bn = head.arch == "batchnorm"
-    logs, finite = _spectra_group(model, variables, x_spec, scales, bn)
+    logs, finite, m0 = _spectra_group(model, variables, x_spec, scales, bn)
 
     if cfg.epochs == 0:
-        return _rows(group, cfg, scales, logs, finite, None, ds), {
+        return _rows(group, cfg, scales, logs, finite, None, ds, m0), {
             f"{c.name}/log_sv": logs[j] for j, c in enumerate(group)
         }
     tcfg = TrainConfig(
@@ -125,7 +126,7 @@ def _measure_group(
     arrays_out.update(
         {f"{c.name}/grad_norm": np.asarray(res.epochs["grad_norm"][j]) for j, c in enumerate(group)}
     )
-    return _rows(group, cfg, scales, logs, finite, res.epochs, ds), arrays_out
+    return _rows(group, cfg, scales, logs, finite, res.epochs, ds, m0), arrays_out
 
 
 def _rows(
@@ -136,6 +137,7 @@ def _rows(
     finite: np.ndarray,
     epochs: dict | None,
     ds: data.Dataset,
+    m0: float,
 ) -> list[dict]:
     bn = group[0].arch == "batchnorm"
     rows = []
@@ -151,7 +153,7 @@ def _rows(
             diverged = bool(np.any(np.asarray(epochs["nonfinite_step"][j]) >= 0))
             acc = None if diverged or not math.isfinite(last) else last
         log_rms = _log_rms(end)
-        rate = mean_field_rate(case, cfg.width)
+        rate = mean_field_rate(case, cfg.width, m0)
         row = {
             "name": case.name,
             "kind": "feedforward",
