@@ -40,4 +40,5 @@ def deferred_interrupt() -> Iterator[Interrupt]:
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: the previous handler was not installed from Python (an embedding host)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

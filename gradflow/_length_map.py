@@ -85,7 +85,9 @@ def q_star(fn, kinks, sigma_w, sigma_b, q0):
         out = jnp.where(up, s_n >= _S_MAX, s_n <= _S_MIN)
         s_n = jnp.clip(s_n, _S_MIN, _S_MAX)
         g_n = g(s_n)
-        is_min = (g_c < g_b) & (g_c <= g_n) & (g_c <= _TOUCH) & ~touch
+        # a minimum that stands clear of rounding on both sides: a tail fading into rounding
+        # noise (relu at sqrt(2) with a bias, r = sigma_b^2 / q) is no double root
+        is_min = (g_b - g_c > tol) & (g_n - g_c > tol) & (g_c <= _TOUCH) & ~touch
         t_lo, t_hi = jnp.where(is_min, s_b, t_lo), jnp.where(is_min, s_n, t_hi)
         hit = (g_n <= 0) & ((g_c > tol) | (g_n < -tol))  # a sign change within rounding is none
         return (k + 1, s_c, g_c, s_n, g_n, t_lo, t_hi, touch | is_min, hit, hit | out)

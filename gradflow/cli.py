@@ -336,10 +336,12 @@ def run_atlas(cmd: Atlas) -> int:
     try:
         rows = atlas.run(cfg, cmd.out, progress=cmd.progress, fresh=cmd.fresh)
     except KeyboardInterrupt as e:
-        print(f"{e or 'atlas interrupted'}; run the same command again to continue", file=sys.stderr)
+        print(f"{str(e) or 'atlas interrupted'}; run the same command again to continue", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(130)  # without joining the threads still compiling interrupted groups
+        if cmd.exit_at_once:
+            os._exit(130)  # without joining the threads still compiling interrupted groups
+        return 130
     page = report.build(cmd.out, seconds=time.perf_counter() - t0)
     print(report.markdown_table(rows))
     print(f"{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; open {page}")

@@ -15,12 +15,13 @@ be arrays (they broadcast, e.g. a (W, 1) grid against a (1, B) grid) or traced v
 Gauss-Legendre quadrature of `gradflow._quadrature`; wrap calls in `_quadrature.x64()` for
 ~1e-12 accuracy. Derivatives phi' come from `jax.grad` of the activation.
 
-Fixed points are found with a fixed number of safeguarded Newton steps (no Python loops over
-traced values). Conventions where no finite fixed point is reached from q = 1: `q_star` is
-+inf when q grows without bound (e.g. relu with sigma_w^2 / 2 > 1); chi_1 is then its q -> inf
-limit (finite for asymptotically linear activations), and quantities defined at the fixed
-point (c*, chi_c, xi_q, xi_c) are nan. A fixed point q* = 0 (odd phi, sigma_b = 0, ordered) is
-returned as 0 and its slopes as the q -> 0 limits.
+Fixed points are the ones the length map reaches from the input's variance q0 (default 1), by
+the scan of `gradflow._length_map`, and every quantity defined at a fixed point is evaluated
+there (`fixed_point`). Conventions where no finite fixed point is reached: `q_star` is +inf when
+q grows without bound (e.g. relu with sigma_w^2 / 2 > 1); chi_1 is then its q -> inf limit
+(finite for asymptotically linear activations), and quantities defined at the fixed point (c*,
+chi_c, xi_q, xi_c) are nan. A fixed point q* = 0 (odd phi, sigma_b = 0, ordered) is returned as
+0 and its slopes as the q -> 0 limits.
 """
 
 from __future__ import annotations

@@ -292,7 +292,17 @@ def test_softplus_is_critical_only_as_q_grows():
     # one started at q0 = 1 is not (mean field along its trajectory, measured at width 512).
     sw = _quadrature.precise(T.critical_sigma_w, "softplus", 0.3)
     assert sw == pytest.approx(math.sqrt(2), rel=1e-6)
-    assert _quadrature.precise(T.q_star, "softplus", sw, 0.3) > 1e10  # q* = inf at sqrt(2) itself
+    # just below sqrt(2) q* is finite and huge; at sqrt(2) itself it grows without bound, as it
+    # does for relu with a bias, in both precisions (a tail fading into rounding is no root)
+    assert _quadrature.precise(T.q_star, "softplus", sw, 0.3) > 1e10
+    for name in ("softplus", "relu"):
+        assert math.isinf(_quadrature.precise(T.q_star, name, math.sqrt(2), 0.3)), name
+        assert math.isinf(float(T.q_star(name, math.sqrt(2), 0.3))), name  # float32
+    assert _quadrature.precise(T.q_star, "tanh", 1.0, 0.0) == 0.0
+    for name in ("softplus", "relu"):
+        assert math.isinf(_quadrature.precise(T.q_star, name, math.sqrt(2), 0.3)), name
+        assert math.isinf(float(T.q_star(name, math.sqrt(2), 0.3))), name  # float32
+    assert _quadrature.precise(T.q_star, "tanh", 1.0, 0.0) == 0.0
     far = float(_log_mean_sq_singular(activations.softplus, jax.random.key(6), sw, 0.3, 1e4)) / 50
     near = float(_log_mean_sq_singular(activations.softplus, jax.random.key(6), sw, 0.3, 1.0)) / 50
     assert abs(far) < 0.01 and near < -0.05, (far, near)
