@@ -161,12 +161,12 @@ def _no_critical_point(activation: str | Callable, sigma_b: float) -> str:
 
     from gradflow import theory
 
-    grid = np.round(np.arange(0.05, 3.0001, 0.05), 2)
+    grid = np.round(np.concatenate([np.arange(0.05, 1.0001, 0.05), [1.5, 2.0, 3.0]]), 2)
     with _quadrature.x64():
         found = np.asarray(theory.critical_sigma_w(activation, grid))
     ok = np.isfinite(found) & (grid > sigma_b)
     hint = (
-        f"the smallest sigma_b on a 0.05 grid with one is {grid[ok][0]:.2f} (sigma_w = {found[ok][0]:.4f})"
+        f"the smallest sigma_b on a grid (0.05 steps to 1, then 1.5, 2, 3) with one is {grid[ok][0]:.2f} (sigma_w = {found[ok][0]:.4f})"
         if ok.any()
         else "none exists for sigma_b up to 3"
     )
