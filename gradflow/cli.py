@@ -339,7 +339,7 @@ def run_atlas(cmd: Atlas) -> int:
         print(f"{str(e) or 'atlas interrupted'}; run the same command again to continue", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
-        if cmd.exit_at_once:
+        if _CONSOLE:
             os._exit(130)  # without joining the threads still compiling interrupted groups
         return 130
     page = report.build(cmd.out, seconds=time.perf_counter() - t0)
@@ -379,8 +379,13 @@ COMMANDS = {
 }
 
 
+_CONSOLE = False  # main() runs as the console script (argv None), not called from Python
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradflow` console script."""
+    global _CONSOLE
+    _CONSOLE = argv is None
     commands = {name: cls for name, (cls, _) in COMMANDS.items()}
     try:
         cmd = tyro.extras.subcommand_cli_from_dict(

@@ -172,8 +172,8 @@ def _no_critical_point(activation: str | Callable, sigma_b: float) -> str:
     )
     return (
         f"{activation!r} has no critical sigma_w at sigma_b={sigma_b}: chi_1 at the fixed point reached "
-        "from q0 = 1 does not pass through 1 for sigma_w in [0.01, 100] (gelu and swish jump across it: "
-        f"their fixed point with chi_1 = 1 is unstable); {hint}"
+        "from q0 = 1 does not pass continuously through 1 for sigma_w in [0.01, 100] (it jumps across 1 "
+        f"where the fixed point with chi_1 = 1 is unstable, as for gelu and swish at small sigma_b); {hint}"
     )
 
 

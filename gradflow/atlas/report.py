@@ -168,7 +168,7 @@ def _plot_map(rows, path: pathlib.Path) -> bool:
         if r["depth"] == depth:
             i, j = acts.index(r["activation"]), inits.index(r["init"])
             v = r["measured_rate"]
-            grid[i, j] = v if math.isfinite(v) else -np.inf
+            grid[i, j] = -np.inf if math.isnan(v) else v  # +-inf keep their sign
             labels[i][j] = f"{_fmt(v, 'rate')}\n{r['label'].split(' ')[0]}"
     fig, ax = plt.subplots(figsize=(1.5 * len(inits) + 2.5, 0.75 * len(acts) + 1.8))
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")  # not run: grey, hatched below

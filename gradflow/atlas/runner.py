@@ -14,7 +14,7 @@ import numpy as np
 
 from gradflow import data, store
 from gradflow._interrupt import deferred_interrupt
-from gradflow.atlas.grid import AtlasConfig, Case, RecurrentCase, cases
+from gradflow.atlas.grid import AtlasConfig, Case, RecurrentCase, cases, unavailable
 from gradflow.atlas.measure import _InitCache, _measure_group, _measure_recurrent
 
 
@@ -83,6 +83,9 @@ def run(
 
     try:
         ff, rec = cases(cfg) if only is None else (list(only[0]), list(only[1]))
+        for c in ff:
+            if (why := unavailable(c)) is not None:
+                raise ValueError(f"configuration {c.name} cannot be built: {why}")
         groups = _groups(ff)
         ds = data.mnist1d(seed=cfg.seed, num_samples=int(cfg.train_samples / 0.8))
         if progress is None:
@@ -108,6 +111,12 @@ def run(
                     on_row(row)
                 bar.update(task, advance=1, description=f"atlas: {row['name']} -> {row['label']}")
 
+            def keep(group: list[Case], future: concurrent.futures.Future) -> None:
+                group_rows, arrays = future.result()
+                runs.save_arrays(_group_name(group), **arrays)
+                for row in group_rows:
+                    emit(row)
+
             # XLA compiles one program per group and most of the atlas's time is compilation, which
             # releases the GIL: groups run in a small thread pool so every core compiles. Results
             # are emitted (and written) in grid order as each group finishes.
@@ -126,10 +135,7 @@ def run(
                             pass
                         if stop.requested:
                             break
-                        group_rows, arrays = futures.pop(i).result()
-                        runs.save_arrays(_group_name(group), **arrays)
-                        for row in group_rows:
-                            emit(row)
+                        keep(group, futures.pop(i))
                     for case in rec:
                         if stop.requested:
                             break
@@ -144,13 +150,9 @@ def run(
                         # name), drop the ones not started, leave the compiling ones behind
                         for i, f in futures.items():
                             if f.done() and f.exception() is None:
-                                group_rows, arrays = f.result()
-                                runs.save_arrays(_group_name(groups[i]), **arrays)
-                                for row in group_rows:
-                                    emit(row)
-                        raise KeyboardInterrupt(
-                            f"atlas interrupted: {len(rows)} configurations kept in {out}"
-                        )
+                                keep(groups[i], f)
+                        kept = len({r["name"] for r in runs.records("results")})
+                        raise KeyboardInterrupt(f"atlas interrupted: {kept} configurations kept in {out}")
                 finally:
                     pool.shutdown(wait=not stop.requested, cancel_futures=True)
         return rows

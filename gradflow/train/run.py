@@ -266,6 +266,10 @@ def fit(
       callback: called as callback(epoch, record) after each epoch's record and checkpoint are
         on disk (e.g. to stop a run from outside).
 
+    A first Ctrl-C (SIGINT, main thread) does not raise: the epoch in flight finishes, is
+    recorded and checkpointed, and `fit` returns with `interrupted=True` (a loop over runs
+    should check it); a second Ctrl-C raises KeyboardInterrupt at once.
+
     Returns:
       A `TrainResult`.
     """
