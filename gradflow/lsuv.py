@@ -59,7 +59,8 @@ class LayerStats:
     """What LSUV did to one layer.
 
     Attributes:
-      name: the chain's layer name ("embed", "blocks[3]", "Conv_0", ...).
+      name: the chain's layer name (`Chain.names`: a stack's block "blocks[3]"-style, a
+        linen submodule's path such as "Conv_0").
       var_init: output variance in the variables passed in.
       var_before: output variance after the orthonormal pre-init, before any rescaling
         (earlier layers already processed).
@@ -219,8 +220,8 @@ def lsuv(
       x: a batch of inputs as the model takes it, batch axis first, at least 2 examples (the
         paper uses one minibatch).
       layers: the layers to process, as in `gradflow.nn.chain`. Default: the whole model
-        (`gradflow.nn.chains.WHOLE`: an adapted model's default cuts; an `MLPStack`'s embed,
-        blocks and head; ("embed", "blocks") skips its head).
+        (`gradflow.nn.chains.WHOLE`: an adapted model's default cuts; an `MLPStack`'s input
+        projection, blocks and head; name the parts to leave the head out, see `MLPStack.chain`).
       tol: stop rescaling a layer once |Var(output) - 1| < tol.
       max_iters: at most this many rescalings per layer (0: orthonormal pre-init only).
       key: for the orthonormal draws; None uses jax.random.key(0).

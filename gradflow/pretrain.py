@@ -26,7 +26,8 @@ initialization in trial runs (see experiments/pretraining.py).
 Which layers: the model's layer chain (`gradflow.nn.chain`), bottom up, every layer with a
 kernel except the one producing the model's output (the supervised layer, left as given). An
 `MLPStack` runs as its whole chain embed, blocks[1..L], head (`layers=WHOLE`, the default; the
-head is the supervised layer; ("blocks",) keeps the embed). Its embed is a plain linear
+head is the supervised layer; naming only the blocks keeps the input projection, see
+`MLPStack.chain`). Its input projection is a plain linear
 `Dense(width)` (no activation), trained as a *linear* autoencoder of the input x (with width >= input dim it can reconstruct x
 exactly, so it mostly sets a well-conditioned projection); each block is its own dense +
 activation (the block's parameters sliced from the stacked depth axis). Any linen model cut at
@@ -384,8 +385,8 @@ def pretrain(
         (labels are not used).
       cfg: the pretraining config.
       layers: the layers, as in `gradflow.nn.chain` (default: the whole model, `WHOLE`; the
-        layer producing the output is the supervised one and stays. `MLPStack`: embed and
-        blocks are pretrained; ("blocks",) keeps the embed as given).
+        layer producing the output is the supervised one and stays. `MLPStack`: its input
+        projection and blocks are pretrained; naming only the blocks keeps the projection).
       num_layers: pretrain only the lowest `num_layers` layers of the greedy order (MLPStack:
         embed = layer 0, block l = layer l), in [1, G]; None pretrains all. Higher layers
         are returned unchanged (bit for bit) and their loss rows are NaN. One compiled

@@ -576,8 +576,8 @@ def model_spectra(
       variables: its variables (params, and batch_stats if any).
       x: one input as the model takes it (a batch of one is fine); with `train=True` for
         BatchNorm, a batch (the batch map, examples coupled).
-      layers: the cut points (module paths or cut-marker names); `MLPStack`: which of its
-        parts are layers ("embed", "blocks", "head"), as in `gradflow.nn.chain`.
+      layers: the cut points (module paths or cut-marker names); a gradflow stack: which of
+        its parts are layers (`MLPStack.chain`), as in `gradflow.nn.chain`.
       train: BatchNorm batch statistics instead of running averages.
       depths: 1-based indices into the chain's layers (default: all).
       **options: method, k, direction, oversample, refine, key, tol, as in `jacobian_spectra`.

@@ -6,7 +6,7 @@ nothing here reads a model's parameter names. The per-layer diagnostics are over
 layers that own parameters: an `MLPStack`'s L blocks (stacked on their depth axis), a user's
 linen model's submodules ("conv1", "stage2/block1", ...). Where the chain's layers share their
 parameters (a recurrent cell through time) they are over the top-level parameter entries
-("cell", "head"). Non-finite values are located on the top-level entries in the order their
+(the cell's and the readout's). Non-finite values are located on the top-level entries in the order their
 modules run, a stacked entry expanded to its layers: for an MLPStack
 
     0 = embed,  1 .. L = blocks 1 .. L,  L + 1 = head.
