@@ -69,7 +69,7 @@ class _InitCache:
 
 def _spectra_group(
     model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-layer log singular values (S, L, N) at initialization for each weight scale, whether
     each forward pass stayed finite (S,), and the mean square of the blocks' input h_0 (for the
     mean-field trajectory): chain and spectra in one compiled, vmapped call, from the
