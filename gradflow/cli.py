@@ -348,6 +348,26 @@ def run_atlas(cmd: Atlas) -> int:
     return 0
 
 
+_FEEDFORWARD_AXES = ("--activations", "--inits", "--archs", "--depths")
+_RECURRENT_AXES = ("--cells", "--seq-lens")
+
+
+def _narrow_atlas(cmd: Atlas, argv: list[str]) -> Atlas:
+    """A command line that names only one part's axes (feed-forward or recurrent) asks for that
+    part: the other part is left out rather than run whole on its defaults."""
+    named = {a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
+    ff, rec = named & set(_FEEDFORWARD_AXES), named & set(_RECURRENT_AXES)
+    if ff and not rec:
+        print(f"gradflow atlas: {' '.join(sorted(ff))} given: no recurrent cells (name --cells to add them)")
+        return dataclasses.replace(cmd, config=dataclasses.replace(cmd.config, cells=()))
+    if rec and not ff:
+        print(
+            f"gradflow atlas: {' '.join(sorted(rec))} given: no feed-forward nets (name --activations to add them)"
+        )
+        return dataclasses.replace(cmd, config=dataclasses.replace(cmd.config, activations=()))
+    return cmd
+
+
 def run_report(cmd: Report) -> int:
     from gradflow import plots
     from gradflow.atlas import report
@@ -393,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:  # a config's own validation (__post_init__) rejected a value
         _fail(str(e))
+    if isinstance(cmd, Atlas):
+        cmd = _narrow_atlas(cmd, sys.argv[1:] if argv is None else argv)
     action = next(fn for cls, fn in COMMANDS.values() if isinstance(cmd, cls))
     try:
         return action(cmd)

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import tyro
 
-from gradflow import cli
+from gradflow import atlas, cli
 
 SUBCOMMANDS = ("spectra", "train", "sweep", "atlas", "report")
 
@@ -104,6 +105,37 @@ def test_tiny_atlas_and_report_rebuild(tmp_path):
     (out / "report.html").unlink()
     assert cli.main(["report", str(out)]) == 0
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+INITS = ("naive_small", "naive_large", "glorot", "he", "orthogonal", "critical")
+
+
+@pytest.mark.parametrize(
+    "flags, names, note",
+    [
+        (
+            ["--full", "--archs", "plain", "--activations", "tanh", "--depths", "10"],
+            [f"tanh-{i}-plain-L10" for i in INITS],
+            "no recurrent cells",
+        ),
+        (["--cells", "lstm", "--seq-lens=20"], ["lstm-T20"], "no feed-forward nets"),
+        (
+            ["--activations", "relu", "--inits", "he", "--depths", "10", "--cells", "gru"],
+            [f"relu-he-{a}-L10" for a in ("plain", "batchnorm", "layernorm", "rezero")] + ["gru-T200"],
+            "",
+        ),
+    ],
+)
+def test_an_atlas_command_line_runs_only_the_parts_it_names(flags, names, note, capsys):
+    """Naming only feed-forward axes leaves the recurrent cells out, and the converse; naming both
+    keeps both (the issue: --grid full --archs --activations also ran five T = 200 cells)."""
+    cmd = tyro.extras.subcommand_cli_from_dict({"atlas": cli.Atlas}, args=["atlas", *flags])
+    ff, rec = atlas.cases(cli._narrow_atlas(cmd, ["atlas", *flags]).config)
+    assert sorted(c.name for c in ff + rec) == sorted(names)
+    out = capsys.readouterr().out
+    assert (note in out) if note else "gradflow atlas:" not in out
+    with pytest.raises(ValueError, match="both empty"):
+        atlas.AtlasConfig(activations=(), cells=())
 
 
 MODELS = str(__import__("pathlib").Path(__file__).parents[1] / "experiments" / "models" / "small_cnn.py")

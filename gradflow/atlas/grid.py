@@ -43,8 +43,11 @@ class AtlasConfig:
       grid: "default" (a curated grid that covers every value of every axis and finishes in a
         few minutes on a 2-core CPU) or "full" (the whole cross product of the axes below: a
         GPU-sized run).
-      activations, inits, archs, depths: the axes of the feed-forward grid.
-      cells, seq_lens: recurrent cells (through time, on adding-problem sequences) and lengths.
+      activations, inits, archs, depths: the axes of the feed-forward grid; activations=()
+        leaves the feed-forward part out.
+      cells, seq_lens: recurrent cells (through time, on adding-problem sequences) and lengths;
+        cells=() leaves the recurrent part out. (`gradflow atlas` leaves out the part whose axes
+        a command line does not name when it names the other part's.)
       width: hidden width of the MLPs (and of the recurrent cells).
       epochs, batch_size, lr, train_samples: the short training run (Adam) on MNIST-1D;
         epochs=0 measures at initialization only.
@@ -70,10 +73,14 @@ class AtlasConfig:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r} is not one of {GRIDS}")
-        check_subset("activations", self.activations, ACTIVATIONS)
+        if not self.activations and not self.cells:
+            raise ValueError("activations and cells are both empty: the grid has no configuration")
+        if self.activations:
+            check_subset("activations", self.activations, ACTIVATIONS)
         check_subset("inits", self.inits, INITS)
         check_subset("archs", self.archs, ARCHS)
-        check_subset("cells", self.cells, CELLS)
+        if self.cells:
+            check_subset("cells", self.cells, CELLS)
         for name in ("depths", "seq_lens"):
             values = getattr(self, name)
             if not values or any(int(v) < 2 for v in values):
