@@ -212,3 +212,31 @@ def test_ctrl_c_keeps_every_finished_row_and_stops_at_once(tmp_path, monkeypatch
     calls.clear()
     rows = atlas.run(cfg, tmp_path, progress=False, only=only)
     assert calls == ["tanh"] and [r["name"] for r in rows] == [c.name for c in only[0]]
+
+
+def test_a_failing_group_raises_at_once_naming_it_and_keeps_the_finished_ones(tmp_path, monkeypatch):
+    # relu finishes, tanh "compiles" until released, sigmoid fails: the error comes out at once
+    # (not after tanh), names sigmoid's configuration, and relu's row is on disk
+    release = threading.Event()
+
+    def fake(group, cfg, ds, inits):
+        c = group[0]
+        if c.activation == "tanh":
+            release.wait(30)
+        if c.activation == "sigmoid":
+            raise FloatingPointError("planted")
+        return [{"name": c.name, "kind": "feedforward", "label": "healthy"}], {
+            f"{c.name}/log_sv": np.zeros(3)
+        }
+
+    monkeypatch.setattr(runner, "_measure_group", fake)
+    monkeypatch.setattr(runner, "_workers", lambda: 3)
+    only = ([Case(a, "he", "plain", 4) for a in ("relu", "sigmoid", "tanh")], [])
+    cfg = atlas.AtlasConfig(width=8, epochs=0, train_samples=200)
+    t0 = time.perf_counter()
+    with pytest.raises(FloatingPointError, match="planted") as err:
+        atlas.run(cfg, tmp_path, progress=False, only=only)
+    assert time.perf_counter() - t0 < 10
+    assert "sigmoid-he-plain-L4" in "".join(err.value.__notes__)
+    assert [r["name"] for r in atlas.load_rows(tmp_path)] == ["relu-he-plain-L4"]
+    release.set()

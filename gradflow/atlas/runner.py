@@ -72,6 +72,8 @@ def run(
     configuration is written (also those of groups that finished ahead of grid order), the
     groups not started are dropped, and KeyboardInterrupt is raised; a rerun continues. Groups
     still compiling run on in their threads (`gradflow atlas` exits without waiting for them).
+    A group that raises is handled the same way: the finished groups are written and its error
+    is raised at once, with a note naming the group's configurations.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -112,7 +114,11 @@ def run(
                 bar.update(task, advance=1, description=f"atlas: {row['name']} -> {row['label']}")
 
             def keep(group: list[Case], future: concurrent.futures.Future) -> None:
-                group_rows, arrays = future.result()
+                try:
+                    group_rows, arrays = future.result()
+                except Exception as e:
+                    e.add_note(f"while measuring the atlas group {', '.join(c.name for c in group)}")
+                    raise
                 runs.save_arrays(_group_name(group), **arrays)
                 for row in group_rows:
                     emit(row)
@@ -122,10 +128,19 @@ def run(
             # are emitted (and written) in grid order as each group finishes.
             todo = [(i, g) for i, g in enumerate(groups) if not all(c.name in done for c in g)]
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=_workers())
+            futures: dict[int, concurrent.futures.Future] = {}
+
+            def keep_finished() -> None:
+                # every group that finished (out of grid order: a rerun finds them by name); the
+                # ones not started are dropped, the ones compiling are left behind
+                for i, f in futures.items():
+                    if f.done() and f.exception() is None:
+                        keep(groups[i], f)
+
             with deferred_interrupt() as stop:
                 try:
                     inits = _InitCache(cfg.seed, jnp.asarray(ds.x_train[: cfg.batch_size]))
-                    futures = {i: pool.submit(_measure_group, g, cfg, ds, inits) for i, g in todo}
+                    futures.update({i: pool.submit(_measure_group, g, cfg, ds, inits) for i, g in todo})
                     for i, group in enumerate(groups):
                         if i not in futures:
                             for c in group:
@@ -146,15 +161,15 @@ def run(
                         runs.save_arrays(case.name, **arrays)
                         emit(row)
                     if stop.requested:
-                        # keep every group that finished (out of grid order: a rerun finds them by
-                        # name), drop the ones not started, leave the compiling ones behind
-                        for i, f in futures.items():
-                            if f.done() and f.exception() is None:
-                                keep(groups[i], f)
+                        keep_finished()
                         kept = len({r["name"] for r in runs.records("results")})
                         raise KeyboardInterrupt(f"atlas interrupted: {kept} configurations kept in {out}")
+                except Exception:
+                    keep_finished()  # a group failed: raise at once, without waiting for the others
+                    raise
                 finally:
-                    pool.shutdown(wait=not stop.requested, cancel_futures=True)
+                    # the groups still compiling run on in their threads; nothing waits for them
+                    pool.shutdown(wait=False, cancel_futures=True)
         return rows
     finally:
         runs.close()
