@@ -107,15 +107,12 @@ def test_tiny_atlas_and_report_rebuild(tmp_path):
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
-INITS = ("naive_small", "naive_large", "glorot", "he", "orthogonal", "critical")
-
-
 @pytest.mark.parametrize(
     "flags, names, note",
     [
         (
             ["--full", "--archs", "plain", "--activations", "tanh", "--depths", "10"],
-            [f"tanh-{i}-plain-L10" for i in INITS],
+            [f"tanh-{i}-plain-L10" for i in atlas.INITS],
             "no recurrent cells",
         ),
         (["--cells", "lstm", "--seq-lens=20"], ["lstm-T20"], "no feed-forward nets"),
