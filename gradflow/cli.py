@@ -124,7 +124,7 @@ def _dataset(name: str, num_samples: int, model: StackConfig, seed: int):
 
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not one of {DATASETS}")
-    recurrent = model.kind != "mlp"
+    recurrent = model.recurrent
     if name == "adding":
         if not recurrent:
             raise ValueError("dataset 'adding' needs a recurrent model (--model.kind rnn|lstm|gru)")
@@ -226,7 +226,7 @@ def run_spectra(cmd: Spectra) -> int:
     else:
         model = cmd.model.build()
         key = jax.random.key(cmd.seed)
-        recurrent = cmd.model.kind != "mlp"
+        recurrent = cmd.model.recurrent
         if cmd.input == "mnist1d":
             x = np.asarray(data.mnist1d(seed=cmd.seed, num_samples=100).x_train[:1])
         else:

@@ -85,8 +85,54 @@ def orthogonal(gain: float = 1.0) -> Initializer:
 
 
 def delta_orthogonal(gain: float = 1.0) -> Initializer:
-    """Convolution kernel zero except its spatial centre, an orthogonal matrix (Xiao et al. 2018)."""
-    return _checked(_jinit.delta_orthogonal(gain), "delta_orthogonal", min_rank=3)
+    """Conv kernel (*spatial, C_in, C_out) zero except its spatial centre, gain * Q (Xiao et al. 2018).
+
+    Q is a Haar-random C_in x C_out matrix with orthonormal rows (C_in <= C_out). A circular
+    convolution with this kernel maps the channels at every position by gain * Q, so all its
+    singular values equal `gain`: a deep linear delta-orthogonal CNN is an isometry times
+    gain^L. In the mean-field sense it is `gaussian(gain)`: an output's C_in nonzero weights
+    have variance gain^2 / C_in, summing to gain^2 as the k^d C_in weights of variance
+    gain^2 / (k^d C_in) do, so the variance map and chi_1 are the same and the critical gain of
+    an activation is `critical(activation, sigma_b).sigma_w` (`critical_delta_orthogonal`).
+
+    Wraps `jax.nn.initializers.delta_orthogonal(scale=gain)`, whose argument multiplies Q (its
+    docstring calls it the bound of a uniform distribution); jax puts Q at index (k - 1) // 2,
+    the centre of an odd kernel.
+
+    Raises:
+      ValueError: a gain that is not positive and finite, a kernel of rank not 3, 4 or 5, or
+        C_in > C_out (no C_in orthonormal rows fit in C_out dimensions).
+    """
+    if not (gain > 0 and math.isfinite(gain)):
+        raise ValueError(f"delta_orthogonal: gain must be positive and finite, got {gain}")
+    inner = _jinit.delta_orthogonal(gain)
+
+    def init(key, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        if len(shape) not in (3, 4, 5):
+            raise ValueError(
+                f"delta_orthogonal needs a conv kernel (*spatial, C_in, C_out) with 1 to 3 spatial "
+                f"axes, got shape {tuple(shape)}"
+            )
+        if shape[-2] > shape[-1]:
+            raise ValueError(
+                f"delta_orthogonal needs C_in <= C_out, got C_in={shape[-2]} > C_out={shape[-1]} "
+                f"(shape {tuple(shape)}): use a Gaussian or orthogonal-on-fan-in init for this layer"
+            )
+        return inner(key, shape, dtype)
+
+    return _checked(init, "delta_orthogonal", min_rank=3)
+
+
+def critical_delta_orthogonal(activation: str | Callable, sigma_b: float = 0.0) -> Initializer:
+    """`delta_orthogonal` at the order-to-chaos transition: gain = `critical`(activation, sigma_b).sigma_w.
+
+    Carries `.sigma_w`, `.sigma_b` and `.bias_init` as `critical` does. With tanh at small
+    sigma_b this is the initialization that trains 10,000-layer vanilla CNNs (Xiao et al. 2018).
+    """
+    crit = critical(activation, sigma_b)
+    init = delta_orthogonal(crit.sigma_w)
+    init.sigma_w, init.sigma_b, init.bias_init = crit.sigma_w, sigma_b, crit.bias_init
+    return init
 
 
 def gaussian(sigma_w: float) -> Initializer:
@@ -186,6 +232,7 @@ _NAMED: dict[str, Callable[..., Initializer]] = {
     "lecun_normal": lecun_normal,
     "orthogonal": orthogonal,
     "delta_orthogonal": delta_orthogonal,
+    "critical_delta_orthogonal": critical_delta_orthogonal,
     "gaussian": gaussian,
     "critical": critical,
 }

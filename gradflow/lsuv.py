@@ -48,6 +48,7 @@ from jax.typing import ArrayLike
 
 from gradflow.nn.chains import WHOLE, Segment, kernel_paths, layer_key, layer_variables, with_layer_variables
 from gradflow.nn.chains import chain as make_chain
+from gradflow.nn.conv import ConvStack
 from gradflow.nn.mlp import MLPStack
 
 MEASURES = ("dense", "layer")
@@ -108,7 +109,7 @@ class LSUVReport:
 
 
 def _check(model: Any, variables: Any, x: ArrayLike, tol: float, max_iters: int, measure: str) -> jax.Array:
-    if isinstance(model, MLPStack):
+    if isinstance(model, MLPStack | ConvStack):
         if model.norm is not None:
             raise ValueError(
                 f"lsuv needs norm=None, got norm={model.norm!r}: a normalized block is invariant to its kernel's scale"

@@ -191,3 +191,77 @@ def test_diagnostics_of_a_users_linen_model_equal_a_direct_computation():
         lay.names[int(mb["nonfinite_layer"])] == "conv2"
         and NONFINITE_KINDS[int(mb["nonfinite_kind"])] == "param"
     )
+
+
+def _circular_conv(h_BxNxC, kernel_KxCxO, bias, stride=1):
+    """A 1-D circular convolution written with lax (not flax): wrap-pad, then a VALID conv."""
+    k = kernel_KxCxO.shape[0]
+    h = jnp.pad(h_BxNxC, ((0, 0), ((k - 1) // 2, k // 2), (0, 0)), mode="wrap")
+    out = jax.lax.conv_general_dilated(
+        h, kernel_KxCxO, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    return out + bias[None, None, :]
+
+
+def _hand_conv_forward(params, x, deltas, phi, depth):
+    """ConvStack(channels=(3, 5), add_channel=True) written out: embed, stage1, down2, stage2, pool, head;
+    deltas[l] is added to layer l's pre-activation and its output (the two perturbations)."""
+    h = _circular_conv(x[..., None], params["embed"]["kernel"], params["embed"]["bias"])
+    zs, l = [], 0
+    for name in ("stage1", "down2", "stage2"):
+        p = params[name]["conv"]
+        for i in range(1 if name == "down2" else depth):
+            kernel, b = (p["kernel"], p["bias"]) if name == "down2" else (p["kernel"][i], p["bias"][i])
+            z = _circular_conv(h, kernel, b, stride=2 if name == "down2" else 1) + deltas[l][0]
+            zs.append(z)
+            h, l = phi(z) + deltas[l][1], l + 1
+    return jnp.mean(h, axis=1) @ params["head"]["kernel"] + params["head"]["bias"][None, :], zs
+
+
+def test_conv_stack_diagnostics_cover_every_stage_and_equal_a_direct_computation():
+    """Per-layer diagnostics of a two-stage ConvStack (its down block included) against the
+    stack written out with lax convolutions; a NaN planted in the down block is located there."""
+    from gradflow.nn import ConvStack
+
+    x, y = classification(2, 16)
+    depth = 2
+    model = ConvStack(
+        depth=depth, channels=(3, 5), kernel_size=3, spatial_dims=1, add_channel=True,
+        kernel_init=gi.gaussian(2.0), num_outputs=3,
+    )  # fmt: skip
+    cfg = TrainConfig(diagnostics_every=1, optim=OptimConfig("sgd", 0.1))
+    tx = make_optimizer(cfg.optim)
+    state = init_state(model, tx, run_keys(0)[0], x)
+    lay = train_layout(model, state.params, x)
+    assert lay.layer_names == ["stage1[1]", "stage1[2]", "down2", "stage2[1]", "stage2[2]"]
+    _, m = jax.jit(make_train_step(model, tx, cfg))(state, (x, y))
+
+    shapes = [(16, 8, 3)] * depth + [(16, 4, 5)] * (depth + 1)
+    deltas = [(jnp.zeros(s), jnp.zeros(s)) for s in shapes]
+
+    def loss(params, deltas):
+        logits, _ = _hand_conv_forward(params, x, deltas, jnp.tanh, depth)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    g, g_deltas = jax.grad(loss, argnums=(0, 1))(state.params, deltas)
+    _, zs = _hand_conv_forward(state.params, x, deltas, jnp.tanh, depth)
+    norm = lambda leaves: float(np.sqrt(sum(float(stable_norm(a)) ** 2 for a in leaves)))  # noqa: E731
+
+    def layer(tree, name, i):
+        leaves = jax.tree_util.tree_leaves(tree[name])
+        return leaves if name == "down2" else [a[i] for a in leaves]
+
+    rows = [("stage1", i) for i in range(depth)] + [("down2", 0)] + [("stage2", i) for i in range(depth)]
+    np.testing.assert_allclose(m["grad_norm"], [norm(layer(g, n, i)) for n, i in rows], rtol=1e-5)
+    np.testing.assert_allclose(m["preact_grad_norm"], [float(stable_norm(d[0])) for d in g_deltas], rtol=1e-5)
+    np.testing.assert_allclose(m["state_grad_norm"], [float(stable_norm(d[1])) for d in g_deltas], rtol=1e-5)
+    np.testing.assert_allclose(m["preact_var"], [float(jnp.var(z)) for z in zs], rtol=1e-4)
+    sat = [(jnp.abs(1 - jnp.tanh(z) ** 2) < 0.01).reshape(-1, z.shape[-1]) for z in zs]
+    np.testing.assert_allclose(m["saturated"], [float(jnp.mean(s)) for s in sat], atol=1e-6)
+    np.testing.assert_allclose(m["dead"], [float(jnp.mean(jnp.all(s, axis=0))) for s in sat], atol=1e-6)
+
+    down = state.params["down2"]["conv"]
+    planted = {**state.params, "down2": {"conv": {**down, "kernel": down["kernel"].at[0, 0, 0].set(jnp.nan)}}}
+    _, m = jax.jit(make_train_step(model, tx, cfg))(state._replace(params=planted), (x, y))
+    assert lay.names[int(m["nonfinite_layer"])] == "down2"
+    assert NONFINITE_KINDS[int(m["nonfinite_kind"])] == "param"

@@ -1,4 +1,4 @@
-"""Flax (linen) stacks and layers, and the layer-chain interface that cuts any model into layers."""
+"""Flax (linen) stacks (MLP, conv, recurrent), layers, and the layer-chain interface for any model."""
 
 from gradflow.nn.chains import Chain as Chain
 from gradflow.nn.chains import Segment as Segment
@@ -10,6 +10,8 @@ from gradflow.nn.chains import provides_chain as provides_chain
 from gradflow.nn.chains import with_layer_variables as with_layer_variables
 from gradflow.nn.config import KINDS as KINDS
 from gradflow.nn.config import StackConfig as StackConfig
+from gradflow.nn.conv import PADDINGS as PADDINGS
+from gradflow.nn.conv import ConvStack as ConvStack
 from gradflow.nn.layers import Maxout as Maxout
 from gradflow.nn.layers import PReLU as PReLU
 from gradflow.nn.layers import RReLU as RReLU
@@ -32,6 +34,8 @@ __all__ = [
     "with_layer_variables",
     "KINDS",
     "StackConfig",
+    "PADDINGS",
+    "ConvStack",
     "Maxout",
     "PReLU",
     "RReLU",

@@ -54,7 +54,8 @@ def _check_activation(activation: str | Callable) -> None:
 
 
 class Block(nn.Module):
-    """One block of an `MLPStack`; see the module docstring for the maps. Signature fits `nn.scan`."""
+    """One block of an `MLPStack` (or, with `kernel_size`, of a `ConvStack`: nn.Conv for nn.Dense);
+    see the module docstring for the maps. Signature fits `nn.scan`."""
 
     width: int
     activation: str | Callable = "tanh"
@@ -68,6 +69,26 @@ class Block(nn.Module):
     deterministic: bool = True  # dropout and RReLU noise off
     bn_momentum: float = 0.9
     maxout_pieces: int = 2
+    # A conv block (`gradflow.nn.ConvStack`): its linear maps are nn.Conv with these, not nn.Dense.
+    kernel_size: tuple[int, ...] | None = None
+    padding: str = "CIRCULAR"
+    strides: int = 1
+
+    def _linear(self, features: int, init: Callable, name: str, use_bias: bool = True) -> nn.Module:
+        if self.kernel_size is None:
+            return nn.Dense(
+                features, kernel_init=init, bias_init=self.bias_init, use_bias=use_bias, name=name
+            )
+        return nn.Conv(  # named "conv", "conv1", "conv2" where an MLP block has "dense", ...
+            features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_init=init,
+            bias_init=self.bias_init,
+            use_bias=use_bias,
+            name=name.replace("dense", "conv"),
+        )
 
     def _phi(self, z: jax.Array) -> jax.Array:
         # The activation's input z (after normalization) is the block's pre-activation seen by
@@ -106,8 +127,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
-        dense = lambda features, init=self.kernel_init, name="dense", use_bias=True: nn.Dense(  # noqa: E731
-            features, kernel_init=init, bias_init=self.bias_init, use_bias=use_bias, name=name
+        dense = lambda features, init=self.kernel_init, name="dense", use_bias=True: self._linear(  # noqa: E731
+            features, init, name, use_bias
         )
         pieces = self.maxout_pieces if self.activation == "maxout" else 1
         if self.residual is None:
@@ -228,16 +249,7 @@ class MLPStack(nn.Module):
         "head", the head is the last layer; `WHOLE` is all of them. `train=True` is the BatchNorm batch map (x must be
         a batch).
         """
-        if layers == WHOLE:
-            layers = ("embed", "blocks") + (("head",) if self.num_outputs is not None else ())
-        parts = ("blocks",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
-        wanted = tuple(p for p in ("embed", "blocks", "head") if p in parts)
-        if "blocks" not in parts or wanted != parts or (self.num_outputs is None and "head" in parts):
-            heads = ', "head"' if self.num_outputs is not None else ""
-            raise ValueError(
-                f'MLPStack layers must be, in order, a selection of "embed", "blocks"{heads} '
-                f'containing "blocks"; got {layers!r}'
-            )
+        parts = _chain_parts(layers, self.num_outputs is not None, "MLPStack")
         if train and self.norm == "batch" and x.ndim < 2:
             raise ValueError(
                 f"chain(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
@@ -271,7 +283,22 @@ class MLPStack(nn.Module):
         return Chain(segments=tuple(segments), h0=h0, readout=readout)
 
 
-def _dense_segment(step: _DenseStep, params: Any, name: str) -> Segment:
+def _chain_parts(layers: Sequence[str] | str | None, has_head: bool, what: str) -> tuple[str, ...]:
+    """A stack's `layers` argument as the parts that are layers, in order (see `MLPStack.chain`)."""
+    if layers == WHOLE:
+        layers = ("embed", "blocks") + (("head",) if has_head else ())
+    parts = ("blocks",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+    wanted = tuple(p for p in ("embed", "blocks", "head") if p in parts)
+    if "blocks" not in parts or wanted != parts or (not has_head and "head" in parts):
+        heads = ', "head"' if has_head else ""
+        raise ValueError(
+            f'{what} layers must be, in order, a selection of "embed", "blocks"{heads} '
+            f'containing "blocks"; got {layers!r}'
+        )
+    return parts
+
+
+def _dense_segment(step: Any, params: Any, name: str) -> Segment:
     own = jax.tree.map(lambda a: a[None], {"params": params[name]})  # a one-layer segment
     return Segment(step=step, shared=None, params=own, names=(name,), param_path=(name,))
 

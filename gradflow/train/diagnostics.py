@@ -81,14 +81,16 @@ class Layout:
         or, for a chain whose layers share their parameters (a recurrent cell through time),
         the top-level entries.
       cuts: the cut points of an adapted model (dL/dh_l by perturbations at each), or None.
-      stacked_key: the stacked entry whose blocks sow `PREACT` (gradflow stacks), or None.
+      sown: the entries whose blocks sow `PREACT` and perturb `STATE` (a gradflow stack's
+        layers: MLPStack's blocks, ConvStack's stages and down blocks), in order, as (key,
+        stacked); () where there are none.
       omitted: per-layer diagnostics not recorded for this model, with the reason.
     """
 
     entries: tuple[tuple[str, tuple[str, ...], bool], ...]
     layers: tuple[tuple[tuple[str, ...], tuple[str, ...], bool], ...]
     cuts: tuple[str, ...] | None = None
-    stacked_key: str | None = None
+    sown: tuple[tuple[str, bool], ...] = ()
     omitted: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -148,13 +150,13 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
     else:
         layers = tuple(((k,), names, st) for k, names, st in entries)
     adapted = not builds_chain(model)
-    sows = [k for k, seg in stacked.items() if getattr(model, "activation", None) is not None]
-    stacked_key = sows[0] if (sows and not adapted) else None
+    sows = not adapted and bool(own) and getattr(model, "activation", None) is not None
+    sown = tuple((seg.param_path[0], seg.stacked) for seg in own) if sows else ()
     omitted = []
-    if stacked_key is not None and activation_fn(model) is None:
+    if sown and activation_fn(model) is None:
         why = f"the activation {model.activation!r} has no elementwise derivative to test for saturation"
         omitted += [("saturated", why), ("dead", why)]
-    if stacked_key is None:
+    if not sown:
         why = (
             "the model does not expose its activations' inputs (gradflow's MLPStack does); "
             "state_grad_norm gives dL/dh_l at every layer instead"
@@ -169,7 +171,7 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
         entries=entries,
         layers=layers,
         cuts=tuple(c.layers) if adapted else None,
-        stacked_key=stacked_key,
+        sown=sown,
         omitted=tuple(omitted),
     )
 
@@ -290,8 +292,8 @@ def step_diagnostics(
     grads: Any,
     updates: Any,
     state_grads: list[jax.Array] | None,
-    preact_grads: jax.Array | None,
-    preacts: jax.Array | None,
+    preact_grads: list[jax.Array] | None,
+    preacts: list[jax.Array] | None,
     phi: Callable | None,
 ) -> dict[str, jax.Array]:
     """The per-layer diagnostics of one step (see the module docstring for names and shapes).
@@ -301,10 +303,10 @@ def step_diagnostics(
       params: parameters before the step.
       grads: their gradients (same tree).
       updates: the optimizer's updates (same tree).
-      state_grads: dL/dh_l per layer: a list of (B, ...) arrays (adapted models) or one
-        stacked (L, B, ...) array (stacks), or None where omitted.
-      preact_grads: dL/dz, shape (L, B, ..., W), or None where omitted.
-      preacts: z, shape (L, B, ..., W), or None where omitted.
+      state_grads: dL/dh_l, one (L_i, B, ...) array per part (a stack's sown entries; an adapted
+        model's cuts, L_i = 1), whose layers are the rows in order; or None where omitted.
+      preact_grads: dL/dz, one (L_i, B, ..., W) array per sown entry, or None where omitted.
+      preacts: z, one (L_i, B, ..., W) array per sown entry, or None where omitted.
       phi: the elementwise activation or None.
 
     Returns:
@@ -323,15 +325,14 @@ def step_diagnostics(
         ),
         "grad_norm_global": tree_norm(grads),
     }
+    rows = lambda parts: jnp.concatenate([_row_norms(g.reshape(g.shape[0], -1)) for g in parts])  # noqa: E731
     if state_grads is not None:
-        if isinstance(state_grads, list):
-            out["state_grad_norm"] = jnp.stack([stable_norm(g) for g in state_grads])
-        else:
-            out["state_grad_norm"] = _row_norms(state_grads.reshape(state_grads.shape[0], -1))
+        out["state_grad_norm"] = rows(state_grads)
     if preact_grads is not None:
-        out["preact_grad_norm"] = _row_norms(preact_grads.reshape(preact_grads.shape[0], -1))
+        out["preact_grad_norm"] = rows(preact_grads)
     if preacts is not None:
-        out.update(activation_stats(preacts, phi))
+        stats = [activation_stats(z, phi) for z in preacts]
+        out.update({k: jnp.concatenate([st[k] for st in stats]) for k in stats[0]})
     wanted = set(lay.diagnostics()) | {"grad_norm_global"}
     return {k: v for k, v in out.items() if k in wanted}
 
@@ -352,7 +353,7 @@ def locate_nonfinite(
       lay: the model's `Layout` (its `names` are the layers located).
       params: parameters before the step.
       x: the input batch, shape (B, ...).
-      preacts: pre-activations (L, B, ..., W) of the stacked entry, or None when not recorded.
+      preacts: pre-activations, one (L_i, B, ..., W) array per sown entry, or None when not recorded.
       logits: the model output, shape (B, ...).
       loss: the scalar loss.
       grads: gradients (tree of params).
@@ -365,12 +366,13 @@ def locate_nonfinite(
     param_ok = layer_finite(lay, params)
     n = param_ok.shape[0]
     act_ok = jnp.ones((n,), bool).at[0].set(tree_finite(x))
-    at = 0
+    at, sown = 0, dict(zip([k for k, _ in lay.sown], preacts or (), strict=False))
     for key, names, _ in lay.entries:
-        if key == lay.stacked_key and preacts is not None:
-            L = preacts.shape[0]
+        if key in sown:
+            z = sown[key]
+            L = z.shape[0]
             act_ok = act_ok.at[at : at + L].set(
-                act_ok[at : at + L] & jnp.all(jnp.isfinite(preacts.reshape(L, -1)), axis=1)
+                act_ok[at : at + L] & jnp.all(jnp.isfinite(z.reshape(L, -1)), axis=1)
             )
         at += len(names)
     out_index = n - 1

@@ -206,7 +206,7 @@ def make_train_step(
         ok, updates, params, opt_state = update(state, loss, grads, done)
         preacts = _sown(lay, new_vars.get("intermediates", {}))
         if lay.cuts is not None:
-            state_grads, preact_grads = list(pgrads), None
+            state_grads, preact_grads = [g[None] for g in pgrads], None
         else:
             state_grads, preact_grads = _perturbed(lay, pgrads, dg.STATE), _perturbed(lay, pgrads, dg.PREACT)
         diagnostics = dg.step_diagnostics(
@@ -271,18 +271,23 @@ def _where(pred: ArrayLike, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
 
 
-def _sown(lay: dg.Layout, intermediates: Any) -> jax.Array | None:
-    """The pre-activations (L, B, ..., W) sown by a stack's blocks, or None where there are none."""
-    if lay.stacked_key is None:
+def _sown(lay: dg.Layout, intermediates: Any) -> list[jax.Array] | None:
+    """The pre-activations sown by a stack's blocks, one (L_i, B, ..., W) per sown entry, or None."""
+    if not lay.sown:
         return None
-    return intermediates[lay.stacked_key][dg.PREACT][0]
+    return [_layered(intermediates[k][dg.PREACT][0], stacked) for k, stacked in lay.sown]
 
 
-def _perturbed(lay: dg.Layout, grads: Any, name: str) -> jax.Array | None:
-    """The gradient of the stacked blocks' perturbation `name`, (L, B, ...), or None."""
-    if lay.stacked_key is None:
+def _perturbed(lay: dg.Layout, grads: Any, name: str) -> list[jax.Array] | None:
+    """The gradients of the blocks' perturbation `name`, one (L_i, B, ...) per sown entry, or None."""
+    if not lay.sown:
         return None
-    return grads[lay.stacked_key][name]
+    return [_layered(grads[k][name], stacked) for k, stacked in lay.sown]
+
+
+def _layered(a: jax.Array, stacked: bool) -> jax.Array:
+    """`a` with a leading layer axis (an unscanned block's array gets one of length 1)."""
+    return a if stacked else a[None]
 
 
 def make_train_epoch(
