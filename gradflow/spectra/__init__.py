@@ -1,5 +1,7 @@
-"""Jacobian-product spectra across depth and through time: exact (log-scaled Jacobi), top-k, Lyapunov."""
+"""Jacobian-product spectra across depth and through time: exact (log-scaled Jacobi), top-k, Lyapunov; circular convs by FFT."""
 
+from gradflow.spectra.conv import conv_spectra as conv_spectra
+from gradflow.spectra.conv import conv_spectrum as conv_spectrum
 from gradflow.spectra.core import chain_spectra as chain_spectra
 from gradflow.spectra.core import jacobian_spectra as jacobian_spectra
 from gradflow.spectra.core import log_singular_values as log_singular_values
@@ -9,6 +11,8 @@ from gradflow.spectra.result import SpectraResult as SpectraResult
 
 __all__ = [
     "chain_spectra",
+    "conv_spectra",
+    "conv_spectrum",
     "jacobian_spectra",
     "log_singular_values",
     "lyapunov_exponents",
