@@ -1,4 +1,4 @@
-"""Flax (linen) stacks (MLP, conv, recurrent), layers, and the layer-chain interface for any model."""
+"""Flax (linen) stacks (MLP, conv, recurrent, Transformer), layers, and the any-model layer chain."""
 
 from gradflow.nn.chains import Chain as Chain
 from gradflow.nn.chains import Segment as Segment
@@ -22,6 +22,9 @@ from gradflow.nn.mlp import MLPStack as MLPStack
 from gradflow.nn.recurrent import GRUStack as GRUStack
 from gradflow.nn.recurrent import LSTMStack as LSTMStack
 from gradflow.nn.recurrent import RNNStack as RNNStack
+from gradflow.nn.transformer import LN_PLACEMENTS as LN_PLACEMENTS
+from gradflow.nn.transformer import TransformerBlock as TransformerBlock
+from gradflow.nn.transformer import TransformerStack as TransformerStack
 
 __all__ = [
     "Chain",
@@ -46,4 +49,7 @@ __all__ = [
     "GRUStack",
     "LSTMStack",
     "RNNStack",
+    "LN_PLACEMENTS",
+    "TransformerBlock",
+    "TransformerStack",
 ]

@@ -84,6 +84,8 @@ class Layout:
       sown: the entries whose blocks sow `PREACT` and perturb `STATE` (a gradflow stack's
         layers: MLPStack's blocks, ConvStack's stages and down blocks), in order, as (key,
         stacked); () where there are none.
+      preact: those blocks also sow and perturb their activation's input `PREACT` (not
+        attention-only Transformer blocks).
       omitted: per-layer diagnostics not recorded for this model, with the reason.
     """
 
@@ -91,6 +93,7 @@ class Layout:
     layers: tuple[tuple[tuple[str, ...], tuple[str, ...], bool], ...]
     cuts: tuple[str, ...] | None = None
     sown: tuple[tuple[str, bool], ...] = ()
+    preact: bool = False
     omitted: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -150,19 +153,22 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
     else:
         layers = tuple(((k,), names, st) for k, names, st in entries)
     adapted = not builds_chain(model)
-    sows = not adapted and bool(own) and getattr(model, "activation", None) is not None
-    sown = tuple((seg.param_path[0], seg.stacked) for seg in own) if sows else ()
+    sown = tuple((seg.param_path[0], seg.stacked) for seg in own) if not adapted else ()
+    preact = bool(sown) and getattr(model, "activation", None) is not None
     omitted = []
-    if sown and activation_fn(model) is None:
+    if preact and activation_fn(model) is None:
         why = f"the activation {model.activation!r} has no elementwise derivative to test for saturation"
         omitted += [("saturated", why), ("dead", why)]
-    if not sown:
-        why = (
-            "the model does not expose its activations' inputs (gradflow's MLPStack does); "
-            "state_grad_norm gives dL/dh_l at every layer instead"
-            if own
-            else "a recurrent cell's pre-activations stay inside flax's cell"
-        )
+    if not preact:
+        if sown:
+            why = "the blocks have no activation (attention-only): state_grad_norm gives dL/dh_l instead"
+        elif own:
+            why = (
+                "the model does not expose its activations' inputs (gradflow's stacks do); "
+                "state_grad_norm gives dL/dh_l at every layer instead"
+            )
+        else:
+            why = "a recurrent cell's pre-activations stay inside flax's cell"
         omitted += [(n, why) for n in _PREACT_DIAGNOSTICS]
     if not own:
         why = "the chain's layers share their parameters (through time): see spectra or chain.state_gradients"
@@ -172,6 +178,7 @@ def layout(model: Any, variables: Any, x: Any) -> Layout:
         layers=layers,
         cuts=tuple(c.layers) if adapted else None,
         sown=sown,
+        preact=preact,
         omitted=tuple(omitted),
     )
 

@@ -208,7 +208,8 @@ def make_train_step(
         if lay.cuts is not None:
             state_grads, preact_grads = [g[None] for g in pgrads], None
         else:
-            state_grads, preact_grads = _perturbed(lay, pgrads, dg.STATE), _perturbed(lay, pgrads, dg.PREACT)
+            state_grads = _perturbed(lay, pgrads, dg.STATE)
+            preact_grads = _perturbed(lay, pgrads, dg.PREACT) if lay.preact else None
         diagnostics = dg.step_diagnostics(
             lay, state.params, grads, updates, state_grads, preact_grads, preacts, phi
         )
@@ -273,7 +274,7 @@ def _where(pred: ArrayLike, on_true: Any, on_false: Any) -> Any:
 
 def _sown(lay: dg.Layout, intermediates: Any) -> list[jax.Array] | None:
     """The pre-activations sown by a stack's blocks, one (L_i, B, ..., W) per sown entry, or None."""
-    if not lay.sown:
+    if not lay.preact:
         return None
     return [_layered(intermediates[k][dg.PREACT][0], stacked) for k, stacked in lay.sown]
 
