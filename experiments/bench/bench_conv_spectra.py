@@ -8,7 +8,7 @@ Side by side, in one run:
 2. the FFT path alone at depth `--depth` (default 10,000) on 16 x 16 x 16 states (N = 4096):
    Gaussian kernels at sigma_w = 1 and delta-orthogonal ones at gain 1, the spectrum at the last
    layer; the general engine would walk 10,000 Jacobians of 4096 x 4096.
-3. compile time of `ConvStack` (init + apply under jit) at depth 1000 against depth 10.
+(`bench_stacks.py` times ConvStack's compile at depth 10 / 100 / 1000.)
 
     python experiments/bench/bench_conv_spectra.py [--depth 10000] [--n 16] [--channels 16]
 """
@@ -105,23 +105,6 @@ def deep(args):
         )
 
 
-def compile_time(args):
-    x = jnp.ones((2, 16, 16, 3))
-    out = []
-    for depth in (10, 1000):
-        model = ConvStack(depth=depth, channels=8, kernel_size=3, spatial_dims=2)
-
-        def run(x, model=model):
-            variables = model.init(jax.random.key(0), x)
-            return model.apply(variables, x)
-
-        start = time.perf_counter()
-        jax.jit(run).lower(x).compile()
-        out.append(time.perf_counter() - start)
-    print(f"3. ConvStack compile (init + apply): depth 10 {out[0]:.2f} s, depth 1000 {out[1]:.2f} s, "
-          f"ratio {out[1] / out[0]:.2f}")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=10_000)
@@ -131,7 +114,6 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     small(args)
     deep(args)
-    compile_time(args)
 
 
 if __name__ == "__main__":
