@@ -234,7 +234,8 @@ def test_conv_stack_diagnostics_cover_every_stage_and_equal_a_direct_computation
     state = init_state(model, tx, run_keys(0)[0], x)
     lay = train_layout(model, state.params, x)
     assert lay.layer_names == ["stage1[1]", "stage1[2]", "down2", "stage2[1]", "stage2[2]"]
-    _, m = jax.jit(make_train_step(model, tx, cfg))(state, (x, y))
+    step = jax.jit(make_train_step(model, tx, cfg))  # one compile: the planted step reuses it
+    _, m = step(state, (x, y))
 
     shapes = [(16, 8, 3)] * depth + [(16, 4, 5)] * (depth + 1)
     deltas = [(jnp.zeros(s), jnp.zeros(s)) for s in shapes]
@@ -262,6 +263,6 @@ def test_conv_stack_diagnostics_cover_every_stage_and_equal_a_direct_computation
 
     down = state.params["down2"]["conv"]
     planted = {**state.params, "down2": {"conv": {**down, "kernel": down["kernel"].at[0, 0, 0].set(jnp.nan)}}}
-    _, m = jax.jit(make_train_step(model, tx, cfg))(state._replace(params=planted), (x, y))
+    _, m = step(state._replace(params=planted), (x, y))
     assert lay.names[int(m["nonfinite_layer"])] == "down2"
     assert NONFINITE_KINDS[int(m["nonfinite_kind"])] == "param"

@@ -46,11 +46,13 @@ from gradflow.spectra.core import _check_depths, _exact
 from gradflow.spectra.result import SpectraResult
 
 
-def _check_kernel(kernel: Any, spatial_shape: Sequence[int], what: str) -> tuple[int, ...]:
+def _check_kernel(kernel: Any, spatial_shape: Sequence[int], what: str, stacked: bool) -> tuple[int, ...]:
+    """spatial_shape as a tuple, after checking the kernel's rank, size and values (stacked: a
+    leading layer axis)."""
     shape = tuple(int(n) for n in spatial_shape)
     d = len(shape)
-    if d < 1 or kernel.ndim != d + 2 + (what == "conv_spectra"):
-        lead = "(L, " if what == "conv_spectra" else "("
+    if d < 1 or kernel.ndim != d + 2 + stacked:
+        lead = "(L, " if stacked else "("
         raise ValueError(
             f"{what}: a kernel of shape {lead}*k, C_in, C_out) with {d} spatial axes for spatial_shape "
             f"{shape}; got shape {kernel.shape}"
@@ -88,7 +90,7 @@ def conv_spectrum(kernel: jax.Array, spatial_shape: Sequence[int], *, stride: in
       marks an exactly zero singular value.
     """
     kernel = jnp.asarray(kernel)
-    shape = _check_kernel(kernel, spatial_shape, "conv_spectrum")
+    shape = _check_kernel(kernel, spatial_shape, "conv_spectrum", stacked=False)
     if not (isinstance(stride, int) and stride >= 1) or any(n % stride for n in shape):
         raise ValueError(f"conv_spectrum: stride={stride!r} must be a positive integer dividing {shape}")
     d, (c_in, c_out) = len(shape), kernel.shape[-2:]
@@ -177,7 +179,7 @@ def conv_spectra(
       SpectraResult with (D, n^d C) log singular values per depth, descending.
     """
     kernels = jnp.asarray(kernels)
-    shape = _check_kernel(kernels, spatial_shape, "conv_spectra")
+    shape = _check_kernel(kernels, spatial_shape, "conv_spectra", stacked=True)
     if kernels.shape[-1] != kernels.shape[-2]:
         raise ValueError(
             f"conv_spectra: every layer must keep its channels (C_in = C_out), got kernels {kernels.shape}; "

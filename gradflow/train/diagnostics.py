@@ -21,8 +21,9 @@ n per-layer rows (`Layout.layer_names`):
 - state_grad_norm: ||dL/dh_l||, over the batch and units, h_l layer l's output: by zero
   perturbations added to every cut's output through the same interception that cuts the model
   (stacks: flax `perturb` on each block's output); L is the batch-mean loss.
-- preact_grad_norm: ||dL/dz_l||, z_l the input of block l's activation (MLPStack only: its
-  blocks `perturb` and `sow` it under the name `PREACT`).
+- preact_grad_norm: ||dL/dz_l||, z_l the input of block l's activation (gradflow's stacks
+  with an activation: their blocks `perturb` and `sow` it under the name `PREACT`; a
+  Transformer block's is its MLP's hidden layer).
 - preact_mean, preact_var: mean and variance of z_l over the batch and units.
 - saturated: fraction of entries of z_l with |phi'(z)| < 0.01 (sigmoid/tanh saturation; for
   ReLU the inactive entries).
@@ -32,8 +33,8 @@ n per-layer rows (`Layout.layer_names`):
 
 A diagnostic a model cannot give is left out of the metrics, never filled with NaN, and
 `Layout.omitted` (also `Result.omitted`, `SweepResult.omitted`) says why: the activation
-statistics need a known elementwise activation and its input (MLPStack with an activation
-function; not "prelu", "rrelu", "maxout"), and state gradients need layers with parameters of
+statistics need a known elementwise activation and its input (gradflow's MLP, conv and
+Transformer stacks with an activation function; not "prelu", "rrelu", "maxout"), and state gradients need layers with parameters of
 their own. All norms use `gradflow.numerics.stable_norm` per leaf slice and combine the
 slices' norms stably, so gradient norms far below 1e-19 do not underflow to 0 in float32.
 
@@ -81,9 +82,9 @@ class Layout:
         or, for a chain whose layers share their parameters (a recurrent cell through time),
         the top-level entries.
       cuts: the cut points of an adapted model (dL/dh_l by perturbations at each), or None.
-      sown: the entries whose blocks sow `PREACT` and perturb `STATE` (a gradflow stack's
-        layers: MLPStack's blocks, ConvStack's stages and down blocks), in order, as (key,
-        stacked); () where there are none.
+      sown: the entries whose blocks perturb their output under `STATE` (a gradflow stack's
+        layers: MLPStack's and TransformerStack's blocks, ConvStack's stages and down blocks), in
+        order, as (key, stacked); () where there are none.
       preact: those blocks also sow and perturb their activation's input `PREACT` (not
         attention-only Transformer blocks).
       omitted: per-layer diagnostics not recorded for this model, with the reason.
