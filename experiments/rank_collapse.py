@@ -10,7 +10,8 @@ table). gradflow cuts it at its blocks (`gradflow.nn.chain`: the skip connection
 each block, so the cuts are valid) and measures, at initialization,
 
 - per block, the relative residual res(X_l) = ||X_l - 1 mean(X_l)||_F / ||X_l||_F (0 iff all
-  tokens are equal) and the mean pairwise cosine similarity of the tokens;
+  tokens are equal) and the mean pairwise cosine similarity of the tokens
+  (`gradflow.signal.token_measures`, in the states' float32: below ~1e-7 res is rounding);
 - per block, the forward spectra of d h_l / d x (`gradflow.spectra.model_spectra`), exact (the
   test checks them against a float64 jacfwd + SVD of the blocks composed by hand).
 
@@ -32,8 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gradflow import spectra
-from gradflow.nn import chain
+from gradflow import signal, spectra
 
 
 class Block(nn.Module):
@@ -70,16 +70,6 @@ class Transformer(nn.Module):
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-def token_stats(h_BxTxD: jax.Array) -> tuple[float, float]:
-    """(res(X), mean pairwise cosine similarity of the tokens) of one sequence's states."""
-    x = np.asarray(h_BxTxD[0], np.float64)
-    res = np.linalg.norm(x - x.mean(axis=0)) / np.linalg.norm(x)
-    u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    cos = u @ u.T
-    t = len(x)
-    return float(res), float((cos.sum() - t) / (t * (t - 1)))
-
-
 def tokens(seq_len: int, vocab: int, dim: int, seed: int) -> jax.Array:
     """One toy sequence: random tokens embedded by a fixed random table, shape (1, T, d)."""
     k_ids, k_table = jax.random.split(jax.random.key(seed))
@@ -106,21 +96,21 @@ def run(
         model = Transformer(depth, heads, vocab, residual=residual, mlp=residual)  # pure attention without
         variables = model.init(jax.random.key(seed + 1), x)
         blocks = [f"Block_{i}" for i in range(depth)]
-        c = chain(model, variables, x, layers=blocks)
-        stats = [token_stats(s[0]) for s in c.states()[:depth]]
+        stats = signal.token_measures(model, variables, x, layers=blocks)
         res = spectra.model_spectra(model, variables, x, layers=blocks)
         res.save(out / f"spectra_{arm}.npz")
         logs = res.log_singular_values[:depth]
         result["arms"][arm] = {
-            "res": [s[0] for s in stats],
-            "cosine": [s[1] for s in stats],
+            "res": stats["residual"][:depth].tolist(),
+            "cosine": stats["cosine"][:depth].tolist(),
             "log_smax": logs[:, 0].tolist(),
             # how much of the end-to-end Jacobian is left beyond its first d directions
             "log_tail_over_max": float(logs[depth - 1, dim] - logs[depth - 1, 0]),
         }
         if verbose:
             print(
-                f"{arm:12s} res(X_l) first {stats[0][0]:.3g} last {stats[-1][0]:.3g}; cosine last {stats[-1][1]:.4f}"
+                f"{arm:12s} res(X_l) first {stats['residual'][0]:.3g} last {stats['residual'][depth - 1]:.3g}; "
+                f"cosine last {stats['cosine'][depth - 1]:.4f}"
             )
     (out / "result.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / "rank_collapse.png")
