@@ -34,12 +34,10 @@ import jax.numpy as jnp
 from gradflow._checks import check_choice, check_int
 from gradflow.nn.chains import Chain, Segment, provides_chain
 from gradflow.nn.mlp import (
-    NORMS,
-    RESIDUALS,
     Block,
     _BlockStep,
     _chain_parts,
-    _check_activation,
+    _check_block_options,
     _dense_segment,
 )
 
@@ -101,13 +99,7 @@ class ConvStack(nn.Module):
             raise ValueError(f"ConvStack.kernel_size must be odd (a centred kernel), got {self.kernel_size}")
         if self.num_outputs is not None:
             check_int("ConvStack.num_outputs", self.num_outputs, 1)
-        check_choice("norm", self.norm, NORMS)
-        check_choice("residual", self.residual, RESIDUALS)
-        _check_activation(self.activation)
-        if self.residual == "fixup" and self.norm is not None:
-            raise ValueError("residual='fixup' replaces normalization; use norm=None")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        _check_block_options(self)
         super().__post_init__()
 
     @property

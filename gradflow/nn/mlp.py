@@ -53,6 +53,17 @@ def _check_activation(activation: str | Callable) -> None:
         raise ValueError(f"activation must be a registry name or a callable, got {activation!r}")
 
 
+def _check_block_options(stack: Any) -> None:
+    """The block options an MLP or conv stack shares: norm, residual, activation, dropout."""
+    check_choice("norm", stack.norm, NORMS)
+    check_choice("residual", stack.residual, RESIDUALS)
+    _check_activation(stack.activation)
+    if stack.residual == "fixup" and stack.norm is not None:
+        raise ValueError("residual='fixup' replaces normalization; use norm=None")
+    if not 0.0 <= stack.dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {stack.dropout_rate}")
+
+
 class Block(nn.Module):
     """One block of an `MLPStack` (or, with `kernel_size`, of a `ConvStack`: nn.Conv for nn.Dense);
     see the module docstring for the maps. Signature fits `nn.scan`."""
@@ -192,13 +203,7 @@ class MLPStack(nn.Module):
             check_int(f"MLPStack.{name}", getattr(self, name), 1)
         if self.num_outputs is not None:
             check_int("MLPStack.num_outputs", self.num_outputs, 1)
-        check_choice("norm", self.norm, NORMS)
-        check_choice("residual", self.residual, RESIDUALS)
-        _check_activation(self.activation)
-        if self.residual == "fixup" and self.norm is not None:
-            raise ValueError("residual='fixup' replaces normalization; use norm=None")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        _check_block_options(self)
         super().__post_init__()
 
     @nn.nowrap
@@ -255,7 +260,7 @@ class MLPStack(nn.Module):
                 f"chain(train=True) with BatchNorm needs a batch x of shape (B, D), got {x.shape}"
             )
         params = variables["params"]
-        embed = _DenseStep(nn.Dense(self.width, parent=None))
+        embed = _ModuleStep(nn.Dense(self.width, parent=None))
         segments = []
         if "embed" in parts:
             segments.append(_dense_segment(embed, params, "embed"))
@@ -275,7 +280,7 @@ class MLPStack(nn.Module):
         )
         readout = None
         if self.num_outputs is not None:
-            head = _DenseStep(nn.Dense(self.num_outputs, parent=None))
+            head = _ModuleStep(nn.Dense(self.num_outputs, parent=None))
             if "head" in parts:
                 segments.append(_dense_segment(head, params, "head"))
             else:
@@ -304,13 +309,14 @@ def _dense_segment(step: Any, params: Any, name: str) -> Segment:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DenseStep:
-    """The embed or the head as a chain step (shared, its variables, h) -> h."""
+class _ModuleStep:
+    """A module applied on its own (a stack's embed or head) as a chain step (shared, its
+    variables, h) -> h."""
 
-    dense: nn.Dense
+    module: nn.Module
 
     def __call__(self, _: Any, v: Any, h: jax.Array) -> jax.Array:
-        return self.dense.apply(v, h)
+        return self.module.apply(v, h)
 
 
 @dataclasses.dataclass(frozen=True)

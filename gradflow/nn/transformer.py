@@ -22,7 +22,6 @@ and a Dense layer.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 from gradflow import activations
 from gradflow._checks import check_choice, check_int, check_real
 from gradflow.nn.chains import Chain, Segment, provides_chain
-from gradflow.nn.mlp import PREACT, STATE, _BlockStep, _chain_parts, _dense_segment
+from gradflow.nn.mlp import PREACT, STATE, _BlockStep, _chain_parts, _dense_segment, _ModuleStep
 
 LN_PLACEMENTS = ("pre", "post", None)
 
@@ -258,13 +257,3 @@ class _Head(nn.Module):
         if self.final_norm:
             h = nn.LayerNorm(name="norm")(h)
         return nn.Dense(self.features, kernel_init=self.init, name="dense")(jnp.mean(h, axis=-2))
-
-
-@dataclasses.dataclass(frozen=True)
-class _ModuleStep:
-    """A module applied on its own as a chain step (shared, its variables, h) -> h."""
-
-    module: nn.Module
-
-    def __call__(self, _: Any, v: Any, h: jax.Array) -> jax.Array:
-        return self.module.apply(v, h)
