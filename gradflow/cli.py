@@ -36,10 +36,11 @@ class Spectra:
     model: StackConfig = StackConfig()
     depths: tuple[int, ...] | None = None
     """1-based layer indices (default: every layer; recurrent: every time step)."""
-    method: str = "exact"
-    """"exact" (every singular value, log space) or "topk" (matrix-free)."""
+    method: str = "auto"
+    """"exact" (every singular value, log space), "topk" (matrix-free) or "auto" (exact up to
+    2048-value states, topk with k = 32 past them: a Transformer's T x D block states)."""
     k: int | None = None
-    """number of singular values kept (required for topk)."""
+    """number of singular values kept (required for topk; auto's topk: 32)."""
     direction: str = "forward"
     """"forward" (J_l = dh_l/dh_0) or "backward" (G_l = dh_L/dh_l)."""
     input: str = "mnist1d"
@@ -215,7 +216,7 @@ def run_spectra(cmd: Spectra) -> int:
     _writable(cmd.out)
 
     for name, value, allowed in (
-        ("method", cmd.method, ("exact", "topk")),
+        ("method", cmd.method, spectra.METHODS),
         ("direction", cmd.direction, ("forward", "backward")),
         ("input", cmd.input, INPUTS),
     ):
@@ -244,9 +245,15 @@ def run_spectra(cmd: Spectra) -> int:
     res.plot(out / "spectra.png")
     summary = {k: np.asarray(v).tolist() for k, v in res.summary().items()}
     (out / "summary.json").write_text(
-        json.dumps({"model": described, "layers": list(res.layers), **summary}, indent=2)
+        json.dumps(
+            {"model": described, "layers": list(res.layers), "method": res.method, **summary}, indent=2
+        )
     )
     print(res.table())
+    if res.method == "topk" and cmd.method == "auto":
+        print(
+            f"states of {int(res.widths.max())} values: the {res.log_singular_values.shape[1]} largest singular values (topk)"
+        )
     print(f"wrote {out / 'spectra.npz'}, {out / 'spectra.png'}, {out / 'summary.json'}")
     return 0
 
@@ -348,24 +355,28 @@ def run_atlas(cmd: Atlas) -> int:
     return 0
 
 
-_FEEDFORWARD_AXES = ("--activations", "--inits", "--archs", "--depths")
-_RECURRENT_AXES = ("--cells", "--seq-lens")
+# each part of the atlas grid: its axes on the command line and the field that leaves it out
+_ATLAS_PARTS = {
+    "feed-forward nets": (("--activations", "--inits", "--archs"), "activations"),
+    "recurrent cells": (("--cells", "--seq-lens"), "cells"),
+    "conv and attention nets": (("--nets",), "nets"),
+}
 
 
 def _narrow_atlas(cmd: Atlas, argv: list[str]) -> Atlas:
-    """A command line that names only one part's axes (feed-forward or recurrent) asks for that
-    part: the other part is left out rather than run whole on its defaults."""
+    """A command line that names only some parts' axes (feed-forward, recurrent, nets) asks for
+    those parts: the others are left out rather than run whole on their defaults. (--depths is
+    shared by the feed-forward nets and the conv and attention nets, so it names neither.)"""
     named = {a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
-    ff, rec = named & set(_FEEDFORWARD_AXES), named & set(_RECURRENT_AXES)
-    if ff and not rec:
-        print(f"gradflow atlas: {' '.join(sorted(ff))} given: no recurrent cells (name --cells to add them)")
-        return dataclasses.replace(cmd, config=dataclasses.replace(cmd.config, cells=()))
-    if rec and not ff:
-        print(
-            f"gradflow atlas: {' '.join(sorted(rec))} given: no feed-forward nets (name --activations to add them)"
-        )
-        return dataclasses.replace(cmd, config=dataclasses.replace(cmd.config, activations=()))
-    return cmd
+    asked = [part for part, (axes, _) in _ATLAS_PARTS.items() if named & set(axes)]
+    if not asked:
+        return cmd
+    config = cmd.config
+    for part, (axes, field) in _ATLAS_PARTS.items():
+        if part not in asked:
+            print(f"gradflow atlas: no {part} (name {axes[0]} to add them)")
+            config = dataclasses.replace(config, **{field: ()})
+    return dataclasses.replace(cmd, config=config)
 
 
 def run_report(cmd: Report) -> int:

@@ -99,6 +99,25 @@ def test_blocks_are_the_textbook_formula_and_their_spectra_match_jacfwd(ln):
     assert np.all(res.log_singular_values[-1][~live] < -30)
 
 
+def test_auto_method_is_exact_for_small_states_and_topk_past_the_threshold(monkeypatch):
+    """method="auto" (the default): every singular value while T D <= AUTO_EXACT_SIZE; past it the
+    AUTO_K largest by topk, equal to the exact engine's leading values (threshold lowered here so
+    that the exact reference stays test-sized: N = 8 x 16 = 128)."""
+    model = TransformerStack(depth=2, width=16, heads=4, max_len=8, num_outputs=None)
+    x = jax.random.normal(jax.random.key(7), (8, 5))
+    variables = model.init(jax.random.key(8), x)
+    exact = spectra.model_spectra(model, variables, x, method="exact")
+    auto = spectra.model_spectra(model, variables, x)
+    assert auto.method == exact.method == "exact" and auto.log_singular_values.shape == (2, 128)
+    np.testing.assert_array_equal(auto.log_singular_values, exact.log_singular_values)
+    monkeypatch.setattr(spectra.core, "AUTO_EXACT_SIZE", 100)
+    top = spectra.model_spectra(model, variables, x)
+    assert top.method == "topk" and top.log_singular_values.shape == (2, spectra.AUTO_K)
+    np.testing.assert_allclose(
+        top.log_singular_values, exact.log_singular_values[:, : spectra.AUTO_K], atol=2e-3
+    )
+
+
 def test_measures_against_numpy_float64():
     x = np.asarray(jax.random.normal(jax.random.key(4), (2, 6, 5)), np.float64)
     res = np.mean([np.linalg.norm(a - a.mean(0)) / np.linalg.norm(a) for a in x])

@@ -11,13 +11,14 @@ with s = `branch_scale` (e.g. 1 / sqrt(depth), Noci et al. 2022). `residual=Fals
 stream by the branch (h' = s * f(LN(h)) for pre-LN), the pure-attention net of Dong et al. 2021
 whose tokens collapse to rank one; `activation=None` drops the MLP (attention-only blocks).
 Blocks are stacked on a depth axis and walked by one `nn.scan`, so compile time does not grow
-with depth. The chain's layers are the blocks (N = T D per block; `method="topk"` past a few
-thousand); the trainer sees each block's output and, with an MLP, its activation's input.
+with depth. The chain's layers are the blocks (N = T D per block; the spectra's default method
+"auto" runs topk past `spectra.AUTO_EXACT_SIZE` values); the trainer sees each block's output and, with an MLP, its activation's input.
 
 Inputs: integer tokens (B, T) or (T,) with `vocab_size` (nn.Embed), or features (B, T, D_in) or
 (T, D_in) with `vocab_size=None` (a Dense input map); a learned positional table of `max_len`
 rows is added. The head (with `num_outputs`) is a final LayerNorm (pre-LN), the mean over tokens
-and a Dense layer.
+and a Dense layer; with `pool=False` the Dense layer acts on every token (B, T, num_outputs): a
+per-token loss, as in language modelling or translation, where Xiong et al. 2020 measured it.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class TransformerStack(nn.Module):
       residual: skip connections around both branches.
       branch_scale: s multiplying each branch (1.0; 1 / sqrt(depth) for a scaled residual).
       num_outputs: head width; None returns the last block's (B, T, D) tokens.
+      pool: the head averages the tokens (B, num_outputs); False: per token (B, T, num_outputs).
       kernel_init, input_init, head_init: initializers of the blocks, the input map, the head.
       unroll: `nn.scan` unroll factor.
     """
@@ -106,6 +108,7 @@ class TransformerStack(nn.Module):
     residual: bool = True
     branch_scale: float = 1.0
     num_outputs: int | None = 10
+    pool: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
     input_init: Callable = nn.initializers.lecun_normal()
     head_init: Callable = nn.initializers.lecun_normal()
@@ -179,7 +182,11 @@ class TransformerStack(nn.Module):
         h, _ = blocks(**self.block_fields(), name="blocks")(h, None)
         if self.num_outputs is None:
             return h
-        return _Head(self.num_outputs, self.ln == "pre", self.head_init, name="head")(h)
+        return self._head(name="head")(h)
+
+    @nn.nowrap
+    def _head(self, **kw: Any) -> nn.Module:
+        return _Head(self.num_outputs, self.ln == "pre", self.pool, self.head_init, **kw)
 
     @provides_chain
     @nn.nowrap
@@ -219,7 +226,7 @@ class TransformerStack(nn.Module):
         )
         readout = None
         if self.num_outputs is not None:
-            head = _ModuleStep(_Head(self.num_outputs, self.ln == "pre", self.head_init, parent=None))
+            head = _ModuleStep(self._head(parent=None))
             if "head" in parts:
                 segments.append(_dense_segment(head, params, "head"))
             else:
@@ -246,14 +253,17 @@ class _Input(nn.Module):
 
 
 class _Head(nn.Module):
-    """Final LayerNorm (pre-LN stacks), mean over tokens, Dense."""
+    """Final LayerNorm (pre-LN stacks), mean over tokens (if `pool`), Dense."""
 
     features: int
     final_norm: bool
+    pool: bool
     init: Callable
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         if self.final_norm:
             h = nn.LayerNorm(name="norm")(h)
-        return nn.Dense(self.features, kernel_init=self.init, name="dense")(jnp.mean(h, axis=-2))
+        return nn.Dense(self.features, kernel_init=self.init, name="dense")(
+            jnp.mean(h, axis=-2) if self.pool else h
+        )

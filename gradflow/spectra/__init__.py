@@ -2,6 +2,9 @@
 
 from gradflow.spectra.conv import conv_spectra as conv_spectra
 from gradflow.spectra.conv import conv_spectrum as conv_spectrum
+from gradflow.spectra.core import AUTO_EXACT_SIZE as AUTO_EXACT_SIZE
+from gradflow.spectra.core import AUTO_K as AUTO_K
+from gradflow.spectra.core import METHODS as METHODS
 from gradflow.spectra.core import chain_spectra as chain_spectra
 from gradflow.spectra.core import jacobian_spectra as jacobian_spectra
 from gradflow.spectra.core import log_singular_values as log_singular_values
@@ -10,6 +13,9 @@ from gradflow.spectra.core import model_spectra as model_spectra
 from gradflow.spectra.result import SpectraResult as SpectraResult
 
 __all__ = [
+    "AUTO_EXACT_SIZE",
+    "AUTO_K",
+    "METHODS",
     "chain_spectra",
     "conv_spectra",
     "conv_spectrum",

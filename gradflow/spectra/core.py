@@ -30,6 +30,10 @@ precision can resolve is a singular value below eps * ||A_l|| of a single, intri
 ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
 (`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
 
+Method ("auto", the default): "exact" for states of at most `AUTO_EXACT_SIZE` values, else
+"topk" with k = `AUTO_K` (unless k is given) where the chain allows it; the result's `.method` says
+which ran.
+
 Method ("topk"): the same recursion on k + oversample rows (default 2k) from a random orthonormal
 block (J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through
 J_l^T J_l (vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e.
@@ -54,8 +58,15 @@ from gradflow.spectra import _jacobi
 from gradflow.spectra.result import SpectraResult
 
 Step = Callable[[Any, jax.Array], jax.Array]
-METHODS = ("exact", "topk")
+METHODS = ("auto", "exact", "topk")
 DIRECTIONS = ("forward", "backward")
+
+# method="auto": the exact engine carries N rows and re-factors them at every layer, O(N^3) per
+# layer (a 2048-wide state costs ~1 s a layer on one CPU core, a 4096-wide one ~8 s); past
+# AUTO_EXACT_SIZE it switches to topk with AUTO_K values (a Transformer block's T x D state, a
+# wide CNN's H x W x C), where the chain allows it (one segment of equal-size states).
+AUTO_EXACT_SIZE = 2048
+AUTO_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +286,7 @@ def jacobian_spectra(
     h0: jax.Array,
     *,
     depths: Sequence[int] | None = None,
-    method: str = "exact",
+    method: str = "auto",
     k: int | None = None,
     direction: str = "forward",
     oversample: int | None = None,
@@ -290,8 +301,10 @@ def jacobian_spectra(
       params: pytree whose leaves share a leading depth axis of length L.
       h0: the input state of layer 1.
       depths: 1-based layer indices (default: all 1..L). For "backward", l means G_l = d h_L / d h_l.
-      method: "exact" (all N singular values) or "topk" (matrix-free, the k largest).
-      k: number of singular values kept (default: all for exact; required for topk).
+      method: "exact" (all N singular values), "topk" (matrix-free, the k largest) or "auto"
+        (exact up to `AUTO_EXACT_SIZE` state values, topk with k = `AUTO_K` past it).
+      k: number of singular values kept (default: all for exact, `AUTO_K` for auto's topk;
+        required for topk).
       direction: "forward" (J_l) or "backward" (G_l).
       oversample, refine, key: topk only: extra block columns (default k: the block is 2k
         wide), the most subspace-iteration rounds at each requested depth (it stops once the
@@ -356,7 +369,7 @@ def chain_spectra(
     c: Chain,
     *,
     depths: Sequence[int] | None = None,
-    method: str = "exact",
+    method: str = "auto",
     k: int | None = None,
     direction: str = "forward",
     oversample: int | None = None,
@@ -393,6 +406,11 @@ def chain_spectra(
         bound = int(np.minimum.accumulate(sizes)[1 : int(wanted.max()) + 1].max())
     else:
         bound = int(sizes[-1])
+    topk_ok = len(c.segments) == 1 and sizes.min() == sizes.max()
+    if method == "auto":
+        method = "topk" if topk_ok and int(sizes.max()) > AUTO_EXACT_SIZE else "exact"
+        if method == "topk" and k is None:
+            k = min(AUTO_K, bound)
     if k is None:
         if method == "topk":
             raise ValueError("method='topk' needs k (the number of leading singular values)")
@@ -410,7 +428,7 @@ def chain_spectra(
         logs = _exact_jit(steps, shared, params, h0, record, direction=direction, tol=tol, **bounds)
         logs = logs[wanted - 1]
     else:
-        if len(c.segments) != 1 or sizes.min() != sizes.max():
+        if not topk_ok:
             raise ValueError(
                 "method='topk' runs on chains of one segment of equal-size states (gradflow's stacks, "
                 f"a step with stacked params); this chain has {len(c.segments)} segments: use method='exact'"
@@ -424,6 +442,7 @@ def chain_spectra(
         direction=direction,
         layers=tuple(c.layers[l - 1] for l in wanted),
         widths=sizes[wanted],
+        method=method,
     )
 
 

@@ -18,6 +18,7 @@ class SpectraResult:
       direction: "forward" (J_l = d h_l / d h_0) or "backward" (G_l = d h_L / d h_l).
       layers: (D,) names of the layers, from the model's layer chain (default "1", "2", ...).
       widths: (D,) the state size N_l of each layer (default: unknown, -1).
+      method: the engine that computed them: "exact" (every value) or "topk" (the k largest).
     """
 
     depths: np.ndarray
@@ -25,6 +26,7 @@ class SpectraResult:
     direction: str = "forward"
     layers: tuple[str, ...] | None = None
     widths: np.ndarray | None = None
+    method: str = "exact"
 
     def __post_init__(self):
         object.__setattr__(self, "depths", np.asarray(self.depths))
@@ -35,6 +37,8 @@ class SpectraResult:
         object.__setattr__(self, "widths", widths.astype(np.int64))
         if len(names) != len(self.depths) or widths.shape != self.depths.shape:
             raise ValueError(f"layers and widths need one entry per depth ({len(self.depths)})")
+        if self.method not in ("exact", "topk"):
+            raise ValueError(f"method must be 'exact' or 'topk' (the engine that ran), got {self.method!r}")
         if self.log_singular_values.ndim != 2 or self.log_singular_values.shape[0] != self.depths.shape[0]:
             raise ValueError(
                 f"log_singular_values must be (len(depths), k); got {self.log_singular_values.shape} "
@@ -106,6 +110,7 @@ class SpectraResult:
             direction=self.direction,
             layers=np.asarray(self.layers, dtype=str),
             widths=self.widths,
+            method=self.method,
         )
 
     @classmethod
@@ -121,6 +126,7 @@ class SpectraResult:
                 direction=str(z["direction"]),
                 layers=tuple(str(n) for n in z["layers"]) if "layers" in z else None,
                 widths=z["widths"] if "widths" in z else None,
+                method=str(z["method"]) if "method" in z else "exact",
             )
 
     def plot(
