@@ -105,7 +105,13 @@ def test_bad_data_and_hparams_are_named_before_anything_compiles():
         "x_test is empty": (x, y, x[:0], y[:0]),
         "y_test has shape \\(10,\\)": (x, y, x, y[:10]),
         "x_test's examples have shape \\(7,\\)": (x, y, x[:, :7], y),
-        "classification needs logits of shape \\(batch, classes\\)": (x[:, :, None], y, None, None),
+        # per-feature logits (1, F, 3) ask for per-position labels (N, F)
+        "labels of shape \\(N, \\d+\\) .* logits for one example are \\(1, \\d+, 3\\)": (
+            x[:, :, None],
+            y,
+            None,
+            None,
+        ),
         "batch_size=16 exceeds the 8": (x[:8], y[:8], None, None),
         "both x_test and y_test": (x, y, x, None),
     }

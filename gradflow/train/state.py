@@ -157,7 +157,8 @@ def check_data(model: nn.Module, cfg: TrainConfig, data: tuple) -> None:
     Raises a ValueError naming the array and what is wrong: an empty or missing training set,
     lengths that differ, fewer examples than `cfg.batch_size`, NaN/Inf inputs (or regression
     targets), inputs whose shape does not fit the model, and for classification labels that are
-    not integers of shape (N,) in [0, number of model outputs). The test pair may be (None, None).
+    not integers of shape (N,) (or (N, *positions) for per-position logits) in [0, number of
+    model outputs). The test pair may be (None, None).
     """
     import numpy as np
 
@@ -201,17 +202,20 @@ def check_data(model: nn.Module, cfg: TrainConfig, data: tuple) -> None:
                 f"not match the targets y_train (one of shape {want[1:]})"
             )
         return
-    if len(out.shape) != 2:
+    positions = tuple(out.shape[1:-1])  # () for one label per example; (T,) for one per token
+    if len(out.shape) < 2:
         raise ValueError(
             f"the model's output for one example of x_train has shape {tuple(out.shape)}; classification "
-            f"needs logits of shape (batch, classes) (x_train's examples have shape {xs.shape[1:]})"
+            f"needs logits of shape (batch, classes) or (batch, *positions, classes) (x_train's examples "
+            f"have shape {xs.shape[1:]})"
         )
     classes = int(out.shape[-1])
     for split, _, ys in pairs:
-        if ys.ndim != 1 or ys.dtype.kind not in "iu":
+        if ys.shape[1:] != positions or ys.dtype.kind not in "iu":
+            want = "(N,)" if not positions else f"(N, {', '.join(map(str, positions))})"
             raise ValueError(
-                f"y_{split} must hold integer class labels of shape (N,) for classification, got "
-                f"{ys.dtype} of shape {ys.shape}"
+                f"y_{split} must hold integer class labels of shape {want} for classification (the "
+                f"model's logits for one example are {tuple(out.shape)}), got {ys.dtype} of shape {ys.shape}"
             )
         lo, hi = int(ys.min()), int(ys.max())
         if lo < 0 or hi >= classes:
