@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gradflow import atlas
-from gradflow.atlas import Case, RecurrentCase, report, runner
+from gradflow.atlas import Case, NetCase, RecurrentCase, report, runner
 from gradflow.atlas.runner import _groups
 
 CASES = (
@@ -25,6 +25,7 @@ CASES = (
         Case("relu", "he", "rezero", 24),
     ],
     [RecurrentCase("rnn", 60), RecurrentCase("lstm", 60), RecurrentCase("lstm_chrono", 60)],
+    [NetCase(n, 12) for n in ("cnn_delta_orthogonal", "cnn_gaussian", "attention_only")],
 )
 
 
@@ -48,6 +49,9 @@ def test_labels_are_the_textbook_ones(atlas_run):
     assert label["rnn-T60"] == "vanishing"
     assert label["lstm-T60"] == "vanishing"  # zero forget bias: f ~ 1/2 per step
     assert label["lstm_chrono-T60"].startswith("healthy")  # the gated path keeps the gradient
+    assert label["cnn_delta_orthogonal-L12"] == "healthy (near-isometric)"  # Xiao et al. 2018
+    assert label["cnn_gaussian-L12"] == "healthy (spreads)"
+    assert label["attention_only-L12"] == "vanishing (rank collapse)"  # Dong et al. 2021
 
 
 def test_numbers_match_mean_field_and_exact_identities(atlas_run):
@@ -63,6 +67,15 @@ def test_numbers_match_mean_field_and_exact_identities(atlas_run):
     assert (
         rows["relu-he-batchnorm-L24"]["measured_rate"] > rows["relu-he-batchnorm-L24"]["mean_field_rate"] > 0
     )
+    # a circular Gaussian tanh CNN at sigma_w = 1 follows the fully connected mean field (Xiao et al.
+    # 2018): log mean sigma^2 per layer along the length map's trajectory from the position-averaged
+    # q_1 (-0.23 here; measured -0.13: the 40 positions start at different q and C = 8 channels,
+    # the gap closes with depth: -0.125 against -0.141 at depth 24)
+    r = rows["cnn_gaussian-L12"]
+    assert r["mean_field_rate"] < r["measured_rate"] < 0
+    assert r["measured_rate"] == pytest.approx(r["mean_field_rate"], abs=0.12)
+    assert rows["cnn_gaussian-L12"]["log_spread"] > 3 * rows["cnn_delta_orthogonal-L12"]["log_spread"]
+    assert rows["attention_only-L12"]["token_residual"] < 1e-3  # tokens collapsed to one vector
 
 
 def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monkeypatch):
@@ -110,15 +123,17 @@ def test_bad_config_values_are_named():
 
 def test_default_grid_covers_every_axis_value():
     cfg = atlas.AtlasConfig()
-    ff, rec = atlas.cases(cfg)
+    ff, rec, nets = atlas.cases(cfg)
     for axis in ("activation", "init", "arch", "depth"):
         values = {getattr(c, axis) for c in ff}
         expected = set(getattr(cfg, axis + "s"))
         assert values == expected, axis
     assert {c.cell for c in rec} == set(cfg.cells)
+    assert [c.name for c in nets] == [f"{n}-L50" for n in atlas.NETS]
     assert len(_groups(ff)) == 18  # one compiled program per group keeps it CPU-sized
     full_cfg = atlas.AtlasConfig(grid="full")
-    full, _ = atlas.cases(full_cfg)
+    full, _, full_nets = atlas.cases(full_cfg)
+    assert len(full_nets) == 3 * len(atlas.NETS)
     # gelu has no edge of chaos at sigma_b = 0: its critical and orthogonal rows are left out, and named
     assert len(full) == 7 * 6 * 4 * 3 - 2 * 4 * 3
     assert {n.split("-plain")[0].split("-batchnorm")[0] for n, _ in atlas.skipped(cfg)} == {"gelu-critical"}
@@ -134,6 +149,8 @@ def test_verdict_rule():
     assert atlas.verdict(0.0, 0.0, 5.0) == "healthy (near-isometric)"
     assert atlas.verdict(0.0, 0.0, math.inf) == "healthy (spreads)"
     assert atlas.verdict(float("-inf"), None, math.inf, overflow=True) == "exploding (activations overflow)"
+    assert atlas.verdict(0.0, 0.0, 5.0, token_residual=1e-4) == "vanishing (rank collapse)"
+    assert atlas.verdict(0.0, 0.0, 5.0, token_residual=0.5) == "healthy (near-isometric)"
 
 
 def test_report_numbers_are_the_records_numbers(atlas_run):
@@ -201,7 +218,7 @@ def test_ctrl_c_keeps_every_finished_row_and_stops_at_once(tmp_path, monkeypatch
 
     monkeypatch.setattr(runner, "_measure_group", fake)
     monkeypatch.setattr(runner, "_workers", lambda: 2)
-    only = ([Case(a, "he", "plain", 4) for a in ("relu", "tanh", "sigmoid")], [])
+    only = ([Case(a, "he", "plain", 4) for a in ("relu", "tanh", "sigmoid")], [], [])
     cfg = atlas.AtlasConfig(width=8, epochs=0, train_samples=200)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt, match="2 configurations kept"):
@@ -231,7 +248,7 @@ def test_a_failing_group_raises_at_once_naming_it_and_keeps_the_finished_ones(tm
 
     monkeypatch.setattr(runner, "_measure_group", fake)
     monkeypatch.setattr(runner, "_workers", lambda: 3)
-    only = ([Case(a, "he", "plain", 4) for a in ("relu", "sigmoid", "tanh")], [])
+    only = ([Case(a, "he", "plain", 4) for a in ("relu", "sigmoid", "tanh")], [], [])
     cfg = atlas.AtlasConfig(width=8, epochs=0, train_samples=200)
     t0 = time.perf_counter()
     with pytest.raises(FloatingPointError, match="planted") as err:

@@ -119,20 +119,25 @@ def test_tiny_atlas_and_report_rebuild(tmp_path):
         (
             ["--activations", "relu", "--inits", "he", "--depths", "10", "--cells", "gru"],
             [f"relu-he-{a}-L10" for a in ("plain", "batchnorm", "layernorm", "rezero")] + ["gru-T200"],
-            "",
+            "no conv and attention nets",
+        ),
+        (
+            ["--nets", "cnn_gaussian", "attention_only", "--depths", "10"],
+            ["cnn_gaussian-L10", "attention_only-L10"],
+            "no feed-forward nets",
         ),
     ],
 )
 def test_an_atlas_command_line_runs_only_the_parts_it_names(flags, names, note, capsys):
-    """Naming only feed-forward axes leaves the recurrent cells out, and the converse; naming both
-    keeps both (the issue: --grid full --archs --activations also ran five T = 200 cells)."""
+    """Naming only some parts' axes (feed-forward, recurrent, nets) leaves the others out (the
+    issue: --grid full --archs --activations also ran five T = 200 cells)."""
     cmd = tyro.extras.subcommand_cli_from_dict({"atlas": cli.Atlas}, args=["atlas", *flags])
-    ff, rec = atlas.cases(cli._narrow_atlas(cmd, ["atlas", *flags]).config)
-    assert sorted(c.name for c in ff + rec) == sorted(names)
+    ff, rec, nets = atlas.cases(cli._narrow_atlas(cmd, ["atlas", *flags]).config)
+    assert sorted(c.name for c in ff + rec + nets) == sorted(names)
     out = capsys.readouterr().out
     assert (note in out) if note else "gradflow atlas:" not in out
-    with pytest.raises(ValueError, match="both empty"):
-        atlas.AtlasConfig(activations=(), cells=())
+    with pytest.raises(ValueError, match="all empty"):
+        atlas.AtlasConfig(activations=(), cells=(), nets=())
 
 
 MODELS = str(__import__("pathlib").Path(__file__).parents[1] / "experiments" / "models" / "small_cnn.py")

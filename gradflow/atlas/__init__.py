@@ -1,7 +1,7 @@
 """The vanishing/exploding atlas: where gradients vanish or explode, and what each remedy does.
 
 For every configuration of a grid (activation x initialization x architecture x depth, plus
-recurrent cells through time) the atlas measures, on MNIST-1D inputs:
+recurrent cells through time, plus conv and attention nets) the atlas measures, on MNIST-1D inputs:
 - at initialization, the per-layer singular-value spectra of the input-output Jacobian
   J_l = d h_l / d h_0 of the blocks (`gradflow.spectra`, exact in log space; the BatchNorm
   batch map for BatchNorm stacks, since at initialization its per-example map is the identity);
@@ -26,8 +26,11 @@ from gradflow.atlas.grid import ARCHS as ARCHS
 from gradflow.atlas.grid import CELLS as CELLS
 from gradflow.atlas.grid import GRIDS as GRIDS
 from gradflow.atlas.grid import INITS as INITS
+from gradflow.atlas.grid import NETS as NETS
 from gradflow.atlas.grid import AtlasConfig as AtlasConfig
 from gradflow.atlas.grid import Case as Case
+from gradflow.atlas.grid import Cases as Cases
+from gradflow.atlas.grid import NetCase as NetCase
 from gradflow.atlas.grid import RecurrentCase as RecurrentCase
 from gradflow.atlas.grid import cases as cases
 from gradflow.atlas.grid import mean_field_rate as mean_field_rate
@@ -46,6 +49,9 @@ __all__ = [
     "CELLS",
     "GRIDS",
     "INITS",
+    "NETS",
+    "Cases",
+    "NetCase",
     "AtlasConfig",
     "Case",
     "RecurrentCase",

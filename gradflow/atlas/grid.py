@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
@@ -22,6 +23,12 @@ ARCHS = ("plain", "batchnorm", "layernorm", "rezero")
 
 
 CELLS = ("rnn", "rnn_orthogonal", "lstm", "lstm_chrono", "gru")
+
+
+NETS = ("cnn_delta_orthogonal", "cnn_gaussian", "transformer_pre_ln", "transformer_post_ln", "attention_only")
+"""Conv and attention nets of the atlas: a 1-D circular tanh CNN at the edge of chaos (sigma_w = 1,
+sigma_b = 0) with delta-orthogonal or Gaussian kernels (Xiao et al. 2018); pre-LN and post-LN
+Transformers (Xiong et al. 2020); pure attention without skips or MLPs (Dong et al. 2021)."""
 
 
 GRIDS = ("default", "full")
@@ -43,11 +50,14 @@ class AtlasConfig:
       grid: "default" (a curated grid that covers every value of every axis and finishes in a
         few minutes on a 2-core CPU) or "full" (the whole cross product of the axes below: a
         GPU-sized run).
-      activations, inits, archs, depths: the axes of the feed-forward grid; activations=()
+      activations, inits, archs, depths: the axes of the feed-forward grid (depths also the
+        nets'); activations=()
         leaves the feed-forward part out.
       cells, seq_lens: recurrent cells (through time, on adding-problem sequences) and lengths;
-        cells=() leaves the recurrent part out. (`gradflow atlas` leaves out the part whose axes
-        a command line does not name when it names the other part's.)
+        cells=() leaves the recurrent part out.
+      nets: conv and attention nets (`NETS`) on MNIST-1D, at the middle depth (full grid: every
+        depth); nets=() leaves them out. (`gradflow atlas` leaves out the parts whose axes a
+        command line does not name when it names another part's.)
       width: hidden width of the MLPs (and of the recurrent cells).
       epochs, batch_size, lr, train_samples: the short training run (Adam) on MNIST-1D;
         epochs=0 measures at initialization only.
@@ -62,6 +72,7 @@ class AtlasConfig:
     depths: tuple[int, ...] = (10, 50, 200)
     cells: tuple[str, ...] = CELLS
     seq_lens: tuple[int, ...] = (200,)
+    nets: tuple[str, ...] = NETS
     width: int = 32
     epochs: int = 2
     batch_size: int = 50
@@ -73,14 +84,16 @@ class AtlasConfig:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r} is not one of {GRIDS}")
-        if not self.activations and not self.cells:
-            raise ValueError("activations and cells are both empty: the grid has no configuration")
+        if not self.activations and not self.cells and not self.nets:
+            raise ValueError("activations, cells and nets are all empty: the grid has no configuration")
         if self.activations:
             check_subset("activations", self.activations, ACTIVATIONS)
         check_subset("inits", self.inits, INITS)
         check_subset("archs", self.archs, ARCHS)
         if self.cells:
             check_subset("cells", self.cells, CELLS)
+        if self.nets:
+            check_subset("nets", self.nets, NETS)
         for name in ("depths", "seq_lens"):
             values = getattr(self, name)
             if not values or any(int(v) < 2 for v in values):
@@ -122,10 +135,33 @@ class RecurrentCase:
         return f"{self.cell}-T{self.seq_len}"
 
 
-def cases(cfg: AtlasConfig) -> tuple[list[Case], list[RecurrentCase]]:
-    """The configurations of `cfg`'s grid (feed-forward, recurrent), less the `skipped` ones."""
+@dataclasses.dataclass(frozen=True)
+class NetCase:
+    """One conv or attention net (`NETS`) at one depth."""
+
+    net: str
+    depth: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.net}-L{self.depth}"
+
+
+class Cases(NamedTuple):
+    """The configurations of a grid, by part."""
+
+    feedforward: list[Case]
+    recurrent: list[RecurrentCase]
+    nets: list[NetCase]
+
+
+def cases(cfg: AtlasConfig) -> Cases:
+    """The configurations of `cfg`'s grid (feed-forward, recurrent, nets), less the `skipped` ones."""
     rec = [RecurrentCase(c, int(t)) for c in cfg.cells for t in cfg.seq_lens]
-    return [c for c in _grid(cfg) if unavailable(c) is None], rec
+    depths = sorted(int(d) for d in cfg.depths)
+    net_depths = depths if cfg.grid == "full" else [depths[len(depths) // 2]]
+    nets = [NetCase(n, d) for d in net_depths for n in cfg.nets]
+    return Cases([c for c in _grid(cfg) if unavailable(c) is None], rec, nets)
 
 
 def skipped(cfg: AtlasConfig) -> list[tuple[str, str]]:

@@ -13,10 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import data, initializers, spectra
-from gradflow.atlas.grid import _ARCH_FIELDS, AtlasConfig, Case, RecurrentCase, mean_field_rate, sigma_w
+from gradflow import data, initializers, signal, spectra
+from gradflow.atlas.grid import (
+    _ARCH_FIELDS,
+    AtlasConfig,
+    Case,
+    NetCase,
+    RecurrentCase,
+    mean_field_rate,
+    sigma_w,
+)
 from gradflow.atlas.verdict import _finite_spread, _log_rms, verdict
-from gradflow.nn import GRUStack, LSTMStack, MLPStack, RNNStack
+from gradflow.nn import ConvStack, GRUStack, LSTMStack, MLPStack, RNNStack, TransformerStack
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
 from gradflow.train import Hparams, TrainConfig, init_variables, run_keys, sweep
@@ -237,3 +245,122 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
     # Through time the largest singular value is what carries a gradient back: label by it.
     row["label"] = verdict(float(end[0]), ratio, row["log_spread"])
     return row, {f"{case.name}/log_sv": logs, f"{case.name}/grad_norm": gnorm}
+
+
+TOKENS = 8
+"""The atlas's Transformers read an MNIST-1D signal as TOKENS tokens of 40 / TOKENS samples."""
+
+
+def net_channels(width: int) -> int:
+    """The atlas CNNs' channels: half the MLP width (N = 40 positions x C per block state)."""
+    return max(2, width // 2)
+
+
+def _net_model(case: NetCase, width: int) -> nn.Module:
+    if case.net.startswith("cnn"):
+        kernel = (
+            initializers.delta_orthogonal(1.0)
+            if case.net == "cnn_delta_orthogonal"
+            else initializers.gaussian(1.0)
+        )
+        return ConvStack(
+            depth=case.depth,
+            channels=net_channels(width),
+            kernel_size=3,
+            spatial_dims=1,
+            padding="circular",
+            add_channel=True,
+            activation="tanh",  # sigma_w = 1, sigma_b = 0: tanh's edge of chaos
+            kernel_init=kernel,
+            input_init=initializers.delta_orthogonal(1.0) if case.net == "cnn_delta_orthogonal" else kernel,
+        )
+    fields = {
+        "transformer_pre_ln": dict(ln="pre"),
+        "transformer_post_ln": dict(ln="post"),
+        "attention_only": dict(ln=None, residual=False, activation=None),
+    }[case.net]
+    return TransformerStack(depth=case.depth, width=width, heads=4, max_len=TOKENS, **fields)
+
+
+def _net_inputs(case: NetCase, x: np.ndarray) -> np.ndarray:
+    """MNIST-1D signals (N, 40) as the net takes them: sequences, or TOKENS tokens (N, T, 40 / T)."""
+    return x if case.net.startswith("cnn") else x.reshape(len(x), TOKENS, -1)
+
+
+def _measure_net(case: NetCase, cfg: AtlasConfig, ds: data.Dataset) -> tuple[dict, dict]:
+    """A conv or attention net: spectra of d h_l / d h_0 over its blocks at initialization, the
+    tokens' rank-collapse residual (Transformers), and a short training run (as the MLPs')."""
+    model = _net_model(case, cfg.width)
+    x_train, x_test = _net_inputs(case, ds.x_train), _net_inputs(case, ds.x_test)
+    key, _ = run_keys(cfg.seed)
+    init = jax.jit(init_variables, static_argnums=0, compiler_options=COMPILER_OPTIONS)
+    variables = init(model, key, jnp.asarray(x_train[: cfg.batch_size]))
+    x0 = jnp.asarray(x_train[0])
+    res = spectra.model_spectra(model, variables, x0, method="exact")
+    logs = res.log_singular_values
+    c = model.chain(variables, x0)
+    states = c.states()[0]
+    finite = bool(jnp.all(jnp.isfinite(states)))
+    token_residual = None
+    if not case.net.startswith("cnn"):
+        token_residual = float(signal.token_measures(model, variables, x0)["residual"][-1])
+    first, ratio, acc, diverged = None, None, None, False
+    arrays = {f"{case.name}/log_sv": logs}
+    if cfg.epochs:
+        tcfg = TrainConfig(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, optim=OptimConfig("adam", cfg.lr)
+        )
+        hp = Hparams(seed=[cfg.seed], lr=[cfg.lr], weight_scale=[1.0], clip_value=[1.0])
+        with np.errstate(all="ignore"):
+            out = sweep(
+                model,
+                tcfg,
+                (x_train, ds.y_train, x_test, ds.y_test),
+                hp,
+                init_variables=variables,
+                compiler_options=COMPILER_OPTIONS,
+            )
+        grad = np.asarray(out.epochs["grad_norm"][0])
+        first = grad[0]
+        with np.errstate(all="ignore"):
+            if np.all(np.isfinite(first[[0, -1]])) and first[-1] > 0:
+                ratio = float(np.log(first[0] / first[-1]))
+        last = float(np.asarray(out.epochs["test_accuracy"][0])[-1])
+        diverged = bool(np.any(np.asarray(out.epochs["nonfinite_step"][0]) >= 0))
+        acc = None if diverged or not math.isfinite(last) else last
+        arrays[f"{case.name}/grad_norm"] = grad
+    end = logs[-1]
+    log_rms = _log_rms(end)
+    cnn = case.net.startswith("cnn")
+    row = {
+        "name": case.name,
+        "kind": "net",
+        **dataclasses.asdict(case),
+        "sigma_w": 1.0 if cnn else None,
+        "log_sigma_max": float(end[0]),
+        "log_sigma_min": float(end[-1]),
+        "log_rms_sigma": log_rms,
+        "log_spread": _finite_spread(end),
+        "measured_rate": 2.0 * log_rms / case.depth,
+        # a circular CNN's mean field is the fully connected one (Xiao et al. 2018)
+        "mean_field_rate": (
+            mean_field_rate(
+                Case("tanh", "critical", "plain", case.depth), cfg.width, float(jnp.mean(c.h0**2))
+            )
+            if cnn
+            else None
+        ),
+        "log_grad_ratio": ratio,
+        "grad_norm_first_epoch": None if first is None else [float(v) for v in first],
+        "token_residual": token_residual,
+        "final_accuracy": acc,
+        "chance_accuracy": 1.0 / ds.num_classes,
+        "test_examples": int(len(ds.y_test)),
+        "diverged": diverged,
+        "spectra_map": f"per example, N = {int(res.widths[-1])}",
+        "forward_finite": finite,
+    }
+    row["label"] = verdict(
+        log_rms, ratio, row["log_spread"], overflow=not finite, token_residual=token_residual
+    )
+    return row, arrays

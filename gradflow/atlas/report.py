@@ -32,6 +32,7 @@ COLUMNS = (
     ("measured_rate", "log mean s^2 / layer"),
     ("mean_field_rate", "mean field"),
     ("log10_grad_ratio", "log10 g_1/g_L"),
+    ("token_residual", "tokens res(X_L)"),
     ("final_accuracy", "trained: test accuracy"),
     ("label", "verdict (signal at init)"),
 )
@@ -298,7 +299,8 @@ def build(run_dir: str | pathlib.Path, *, seconds: float | None = None) -> pathl
         "'log mean s^2 / layer' is its measured log mean squared singular value divided by the depth, "
         "beside the mean-field prediction log chi_1 (BatchNorm: the large-batch gradient growth of "
         "Yang et al. 2019; ReZero: 0); 'log10 g_1/g_L' is the first-layer over last-layer gradient "
-        "norm in the first epoch of training (recurrent: ||dL/ds_1|| / ||dL/ds_T|| at init); accuracy "
+        "norm in the first epoch of training (recurrent: ||dL/ds_1|| / ||dL/ds_T|| at init); 'tokens "
+        "res(X_L)' is a Transformer's rank-collapse residual at its last block; accuracy "
         "is MNIST-1D test accuracy after the short training run. Verdict rule: " + atlas.VERDICT_RULE
     )
     md = [f"# gradflow atlas\n\n{intro}\n\n{how}\n", "## Verdicts\n", markdown_table(rows), ""]

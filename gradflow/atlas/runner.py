@@ -14,8 +14,8 @@ import numpy as np
 
 from gradflow import data, store
 from gradflow._interrupt import deferred_interrupt
-from gradflow.atlas.grid import AtlasConfig, Case, RecurrentCase, cases, unavailable
-from gradflow.atlas.measure import _InitCache, _measure_group, _measure_recurrent
+from gradflow.atlas.grid import AtlasConfig, Case, Cases, NetCase, RecurrentCase, cases, unavailable
+from gradflow.atlas.measure import _InitCache, _measure_group, _measure_net, _measure_recurrent
 
 
 def _workers() -> int:
@@ -55,7 +55,7 @@ def run(
     *,
     progress: bool | None = None,
     on_row: Callable[[dict], None] | None = None,
-    only: tuple[Sequence[Case], Sequence[RecurrentCase]] | None = None,
+    only: tuple[Sequence[Case], Sequence[RecurrentCase], Sequence[NetCase]] | None = None,
     fresh: bool = False,
 ) -> list[dict]:
     """Measure every configuration of `cfg`, writing results as it goes, and return the rows.
@@ -63,10 +63,11 @@ def run(
     Writes `out/config.json`, appends one JSON line per configuration to `out/results.jsonl`,
     and saves per-group arrays to `out/arrays/<group>.npz` (per-layer log singular values and
     per-layer gradient norms; a group's file is named by what its configurations share,
-    e.g. `tanh-plain-L50-gaussian.npz`). Rows already in results.jsonl for the same config are reused; a
-    directory holding another grid's results is refused (its finished rows are never dropped)
-    unless `fresh`, which removes them first. `only` replaces the grid by explicit
-    (feed-forward, recurrent) cases.
+    e.g. `tanh-plain-L50-gaussian.npz`; recurrent cells and nets have one file each, named as
+    their rows). Rows already in results.jsonl for the same config are reused; a directory
+    holding another grid's results is refused (its finished rows are never dropped) unless
+    `fresh`, which removes them first. `only` replaces the grid by explicit (feed-forward,
+    recurrent, net) cases.
 
     Ctrl-C stops within a fraction of a second of the current wait: every finished
     configuration is written (also those of groups that finished ahead of grid order), the
@@ -79,12 +80,13 @@ def run(
 
     config = dataclasses.asdict(cfg)
     if only is not None:
-        config["only"] = [c.name for c in (*only[0], *only[1])]
+        only = Cases(*(list(part) for part in only))
+        config["only"] = [c.name for part in only for c in part]
     runs = store.RunStore(out, config, on_mismatch="error", fresh=fresh, clear=_REPORT_FILES)
     done = {row["name"]: row for row in runs.records("results")}
 
     try:
-        ff, rec = cases(cfg) if only is None else (list(only[0]), list(only[1]))
+        ff, rec, nets = cases(cfg) if only is None else only
         for c in ff:
             if (why := unavailable(c)) is not None:
                 raise ValueError(f"configuration {c.name} cannot be built: {why}")
@@ -103,7 +105,7 @@ def run(
             disable=not progress,
         )
         with bar:
-            task = bar.add_task("atlas", total=len(ff) + len(rec))
+            task = bar.add_task("atlas", total=len(ff) + len(rec) + len(nets))
 
             def emit(row: dict) -> None:
                 rows.append(row)
@@ -151,13 +153,16 @@ def run(
                         if stop.requested:
                             break
                         keep(group, futures.pop(i))
-                    for case in rec:
+                    for case in (*rec, *nets):
                         if stop.requested:
                             break
                         if case.name in done:
                             emit(done[case.name])
                             continue
-                        row, arrays = _measure_recurrent(case, cfg)
+                        if isinstance(case, RecurrentCase):
+                            row, arrays = _measure_recurrent(case, cfg)
+                        else:
+                            row, arrays = _measure_net(case, cfg, ds)
                         runs.save_arrays(case.name, **arrays)
                         emit(row)
                     if stop.requested:
