@@ -300,7 +300,10 @@ def build(run_dir: str | pathlib.Path, *, seconds: float | None = None) -> pathl
         "beside the mean-field prediction log chi_1 (BatchNorm: the large-batch gradient growth of "
         "Yang et al. 2019; ReZero: 0); 'log10 g_1/g_L' is the first-layer over last-layer gradient "
         "norm in the first epoch of training (recurrent: ||dL/ds_1|| / ||dL/ds_T|| at init); 'tokens "
-        "res(X_L)' is a Transformer's rank-collapse residual at its last block; accuracy "
+        "res(X_L)' is a Transformer's rank-collapse residual at its last block (the conv and attention "
+        "nets read MNIST-1D as a 1-D signal of 40 positions or as 8 tokens of 5 samples; their Jacobian "
+        "is d h_l / d h_0 over their blocks, and a circular CNN's mean field is the fully connected "
+        "one, Xiao et al. 2018); accuracy "
         "is MNIST-1D test accuracy after the short training run. Verdict rule: " + atlas.VERDICT_RULE
     )
     md = [f"# gradflow atlas\n\n{intro}\n\n{how}\n", "## Verdicts\n", markdown_table(rows), ""]
