@@ -247,12 +247,14 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
     return row, {f"{case.name}/log_sv": logs, f"{case.name}/grad_norm": gnorm}
 
 
+SIGNAL = 40
+"""The length of an MNIST-1D signal (`gradflow.data.mnist1d`): the atlas CNNs' positions."""
 TOKENS = 8
-"""The atlas's Transformers read an MNIST-1D signal as TOKENS tokens of 40 / TOKENS samples."""
+"""The atlas's Transformers read an MNIST-1D signal as TOKENS tokens of SIGNAL / TOKENS samples."""
 
 
 def net_channels(width: int) -> int:
-    """The atlas CNNs' channels: half the MLP width (N = 40 positions x C per block state)."""
+    """The atlas CNNs' channels: half the MLP width (N = SIGNAL positions x C per block state)."""
     return max(2, width // 2)
 
 
@@ -283,7 +285,7 @@ def _net_model(case: NetCase, width: int) -> nn.Module:
 
 
 def _net_inputs(case: NetCase, x: np.ndarray) -> np.ndarray:
-    """MNIST-1D signals (N, 40) as the net takes them: sequences, or TOKENS tokens (N, T, 40 / T)."""
+    """MNIST-1D signals (N, SIGNAL) as the net takes them: sequences, or TOKENS tokens (N, T, SIGNAL / T)."""
     return x if case.net.startswith("cnn") else x.reshape(len(x), TOKENS, -1)
 
 

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradflow import atlas  # noqa: E402
+from gradflow.atlas.measure import SIGNAL, TOKENS  # noqa: E402
 
 COLUMNS = (
     ("name", "configuration"),
@@ -301,7 +302,8 @@ def build(run_dir: str | pathlib.Path, *, seconds: float | None = None) -> pathl
         "Yang et al. 2019; ReZero: 0); 'log10 g_1/g_L' is the first-layer over last-layer gradient "
         "norm in the first epoch of training (recurrent: ||dL/ds_1|| / ||dL/ds_T|| at init); 'tokens "
         "res(X_L)' is a Transformer's rank-collapse residual at its last block (the conv and attention "
-        "nets read MNIST-1D as a 1-D signal of 40 positions or as 8 tokens of 5 samples; their Jacobian "
+        f"nets read MNIST-1D as a 1-D signal of {SIGNAL} positions or as {TOKENS} tokens of "
+        f"{SIGNAL // TOKENS} samples; their Jacobian "
         "is d h_l / d h_0 over their blocks, and a circular CNN's mean field is the fully connected "
         "one, Xiao et al. 2018); accuracy "
         "is MNIST-1D test accuracy after the short training run. Verdict rule: " + atlas.VERDICT_RULE
