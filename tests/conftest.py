@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 
+
 # The suite compiles far more than it runs, so it trades a little run time for compile time:
 # - XLA's CPU backend at optimization level 1 (about 25% faster to compile);
 # - XLA CPU's classic emitters instead of its MLIR fusion emitters, which compile about twice as
