@@ -286,7 +286,7 @@ def _net_model(case: NetCase, width: int) -> nn.Module:
 
 def _net_inputs(case: NetCase, x: np.ndarray) -> np.ndarray:
     """MNIST-1D signals (N, SIGNAL) as the net takes them: sequences, or TOKENS tokens (N, T, SIGNAL / T)."""
-    return x if case.net.startswith("cnn") else x.reshape(len(x), TOKENS, -1)
+    return x if case.net.startswith("cnn") else x.reshape(len(x), TOKENS, SIGNAL // TOKENS)
 
 
 def _measure_net(case: NetCase, cfg: AtlasConfig, ds: data.Dataset) -> tuple[dict, dict]:
