@@ -331,16 +331,27 @@ def _critical(fn, kinks, sigma_b, q0):
     def chi(log_sw):
         return _chi1(fn, kinks, jnp.exp(log_sw), sigma_b, q0)
 
+    # chi_1 at the bracket's ends rides along with it, so the program holds two copies of the
+    # fixed-point solver (the ends, vmapped, and the loop body) instead of five: compile time
+    # is most of a call's cost.
     def step(_, bracket):
-        lo, hi = bracket
+        lo, hi, chi_lo, chi_hi = bracket
         mid = (lo + hi) / 2
-        up = chi(mid) > 1
-        return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+        chi_mid = chi(mid)
+        up = chi_mid > 1
+        return (
+            jnp.where(up, lo, mid),
+            jnp.where(up, mid, hi),
+            jnp.where(up, chi_lo, chi_mid),
+            jnp.where(up, chi_mid, chi_hi),
+        )
 
-    lo0, hi0 = (jnp.full_like(sigma_b, v) for v in _LOG_SW_BRACKET)
-    valid = (chi(lo0) < 1) & (chi(hi0) > 1)
-    lo, hi = lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0))
-    continuous = jnp.abs(chi(hi) - chi(lo)) <= _jump(lo.dtype)
+    ends = jnp.asarray(_LOG_SW_BRACKET, sigma_b.dtype)
+    chi_lo0, chi_hi0 = jax.vmap(chi)(ends)
+    lo0, hi0 = ends
+    valid = (chi_lo0 < 1) & (chi_hi0 > 1)
+    lo, hi, chi_lo, chi_hi = lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0, chi_lo0, chi_hi0))
+    continuous = jnp.abs(chi_hi - chi_lo) <= _jump(lo.dtype)
     return jnp.where(valid & continuous, jnp.exp((lo + hi) / 2), jnp.nan)
 
 
