@@ -42,6 +42,10 @@ def _hooked(hook: Callable[[str, Any], Any]):
         _HOOK.reset(token)
 
 
+class _Stop(Exception):
+    """Raised once the last event a run needs is recorded: the rest of the model is not traced."""
+
+
 class _Events:
     """Counts cut events in call order; substitutes one, records others (a single forward run).
 
@@ -54,10 +58,12 @@ class _Events:
         wanted: tuple[str, ...] | None,
         substitute: tuple[int, Any] | None = None,
         add: Sequence[jax.Array] | None = None,
+        stop: int | None = None,
     ):
         self.wanted = wanted  # None: record every module call and marker (a probe)
         self.substitute = substitute
         self.add = add  # perturbations added to the wanted events' outputs, in order
+        self.stop = stop  # raise _Stop once this (0-based) wanted event is recorded
         self.seen: list[tuple[str, str, Any]] = []  # (kind, name, value) in completion order
         self.returned: set[str] = set()  # a probe: the events whose value the model returns
         self._counts: dict[str, int] = {}
@@ -78,6 +84,8 @@ class _Events:
         if self.add is not None:
             value = value + self.add[len(self.seen)]
         self.seen.append((kind, name, value))
+        if self.stop is not None and len(self.seen) > self.stop:
+            raise _Stop
         return value
 
 
@@ -85,7 +93,15 @@ def _run(target: Any, variables: Any, x: Any, options: tuple, events: _Events, f
     """The model's output, with `events` told of every cut (linen module calls and markers).
 
     full: return `apply`'s whole result ((output, mutated collections) when some are mutable).
+    None where `events.stop` ended the run early.
     """
+    try:
+        return _run_events(target, variables, x, options, events, full)
+    except _Stop:
+        return None
+
+
+def _run_events(target: Any, variables: Any, x: Any, options: tuple, events: _Events, full: bool) -> Any:
 
     def on_cut(name, h):
         return events.hit("cut", events.name(name), lambda: h)
@@ -121,11 +137,14 @@ class _CutLayer:
         variables, x = shared
         if self.index == 0:
             x = h  # the first layer's input is the model input itself
-        events = _Events(self.cuts, None if self.index == 0 else (self.index - 1, h))
+        last = self.index == len(self.cuts)
+        # A layer before the last stops the model's forward code at its cut: tracing the layers
+        # after it (all dropped) cost most of a deep adapted model's tracing time.
+        events = _Events(
+            self.cuts, None if self.index == 0 else (self.index - 1, h), stop=None if last else self.index
+        )
         out = _run(self.target, variables, x, self.options, events)
-        if self.index == len(self.cuts):
-            return out
-        return events.seen[self.index][2]
+        return out if last else events.seen[self.index][2]
 
 
 @dataclasses.dataclass(frozen=True)

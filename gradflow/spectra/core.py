@@ -147,13 +147,14 @@ def _apply_rows(step: Step, shared: Any, p: Any, h: jax.Array, c: jax.Array, tra
     return jax.vmap(jvp)(c)
 
 
-def _walk_piece(step, shared, params, points, c, s, record, *, transpose, tol, width):
-    """Carry the log-scaled product (rows c, scales s) through one segment's layers, in walk order.
+def _walk_layers(apply, xs, length, c, s, record, *, tol, width):
+    """Carry the log-scaled product (rows c, scales s) through `length` layers, in walk order.
 
-    Each layer maps the rows (by A or A^T), then re-factors: QR + LQ (`_jacobi.precondition`),
-    which also drops the rows past the new state size where that is smaller (the rank bound);
-    recorded layers add Jacobi sweeps and read out sorted log sigma, padded with -inf to `width`.
-    Unrecorded rows are NaN. Returns (c, s) and the (depth, width) rows.
+    apply(x, c) maps the rows c by layer x's A (or A^T); xs holds one x per layer (leading axis
+    `length`). Each layer re-factors: QR + LQ (`_jacobi.precondition`), which also drops the rows
+    past the new state size where that is smaller (the rank bound); recorded layers add Jacobi
+    sweeps and read out sorted log sigma, padded with -inf to `width`. Unrecorded rows are NaN.
+    Returns (c, s) and the (length, width) rows.
     """
 
     def readout(c, s):
@@ -166,20 +167,67 @@ def _walk_piece(step, shared, params, points, c, s, record, *, transpose, tol, w
 
     def body(carry, xs):
         c, s = carry
-        p, h, rec = xs
-        q, c, s = _jacobi.precondition(_apply_rows(step, shared, p, h, c, transpose), s)
+        x, rec = xs
+        q, c, s = _jacobi.precondition(apply(x, c), s)
         if record is None:  # every layer wanted: no branch to compile
             c, s, logs = readout(c, s)
         else:  # a real branch even under vmap: the mask is never batched
             c, s, logs = lax.cond(rec, readout, skip, c, s)
         return (c @ q.T, s), logs
 
-    depth = points.shape[0]
-    if depth == 1:
-        p = None if params is None else jax.tree.map(lambda a: a[0], params)
-        carry, logs = body((c, s), (p, points[0], None if record is None else record[0]))
+    if length == 1:
+        first = jax.tree.map(lambda a: a[0], (xs, record))
+        carry, logs = body((c, s), first)
         return carry, logs[None]
-    return lax.scan(body, (c, s), (params, points, record))
+    return lax.scan(body, (c, s), (xs, record), length=length)
+
+
+def _walk_pieces(pieces, c, s, *, transpose, tol, width):
+    """Walk consecutive pieces of segments; returns (c, s) and each piece's (layers, width) rows.
+
+    pieces: (step, shared, params, inputs, rec, square) per piece, in walk order, params and
+    inputs sliced to its layers (and reversed for a backward walk), rec its slice of `record`
+    (or None), square whether it is one layer whose output has its input's size.
+    A piece of several layers is one scan. A run of one-layer pieces whose inputs have one shape
+    and whose outputs have that size too (the unscanned blocks of a user's Transformer or of one
+    ResNet stage) is one scan as well, over a `lax.switch` between the layers' maps: the QR and
+    Jacobi steps, most of what such a chain compiles, are then compiled once per run, not once
+    per layer.
+    """
+    runs: list[list] = []
+    for piece in pieces:
+        pts, square = piece[3], piece[5]
+        prev = runs[-1][-1] if runs else None
+        if (
+            square
+            and prev is not None
+            and prev[5]
+            and (prev[3].shape, prev[3].dtype) == (pts.shape, pts.dtype)
+        ):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    rows = []
+    for run in runs:
+        if len(run) == 1:
+            step, sh, p, pts, rec, _ = run[0]
+            apply = lambda x, c, step=step, sh=sh: _apply_rows(step, sh, x[0], x[1], c, transpose)  # noqa: E731
+            (c, s), logs = _walk_layers(apply, (p, pts), pts.shape[0], c, s, rec, tol=tol, width=width)
+            rows.append(logs)
+            continue
+        branches = [
+            functools.partial(_apply_layer, step, sh, jax.tree.map(lambda a: a[0], p), pts[0], transpose)
+            for step, sh, p, pts, _, _ in run
+        ]
+        rec = None if run[0][4] is None else jnp.concatenate([r[4] for r in run])
+        apply = lambda i, c, branches=branches: lax.switch(i, branches, c)  # noqa: E731
+        (c, s), logs = _walk_layers(apply, jnp.arange(len(run)), len(run), c, s, rec, tol=tol, width=width)
+        rows += list(jnp.split(logs, len(run)))
+    return (c, s), rows
+
+
+def _apply_layer(step, shared, p, h, transpose, c):
+    return _apply_rows(step, shared, p, h, c, transpose)
 
 
 def _slice(tree: Any, lo: int, hi: int, reverse: bool = False) -> Any:
@@ -221,33 +269,37 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     if direction == "forward":
         bounds = np.minimum.accumulate(sizes[: hi + 1])  # rank bound of J_l: min(N_0 .. N_l)
         width = int(bounds[1:].max())
-        c, s, rows = jnp.eye(sizes[0], dtype=dtype), jnp.zeros(sizes[0], dtype), []
-        for step, sh, p, pts, a, b, g in pieces:
-            rec = None if record is None else record[g : g + b - a]  # walking A_{j+1} gives row J_{j+1}
-            (c, s), logs = _walk_piece(
-                step, sh, _slice(p, a, b), pts[a:b], c, s, rec, transpose=False, tol=tol, width=width
+        walk = [  # walking A_{j+1} gives row J_{j+1}
+            (
+                step,
+                sh,
+                _slice(p, a, b),
+                pts[a:b],
+                None if record is None else record[g : g + b - a],
+                b - a == 1 and sizes[g] == sizes[g + 1],
             )
-            rows.append(logs)
+            for step, sh, p, pts, a, b, g in pieces
+        ]
+        c, s = jnp.eye(sizes[0], dtype=dtype), jnp.zeros(sizes[0], dtype)
+        _, rows = _walk_pieces(walk, c, s, transpose=False, tol=tol, width=width)
         return jnp.concatenate([*rows, jnp.full((L - hi, width), jnp.nan, dtype)])
     # Backward: G_l^T = A_{l+1}^T ... A_L^T from the top; walking A_{j+1}^T (0-based j) turns the
     # product into G_j^T, row j - 1, with min(N_j .. N_L) rows.
     width = sizes[L]
-    c, s, rows = jnp.eye(sizes[L], dtype=dtype), jnp.zeros(sizes[L], dtype), []
-    for step, sh, p, pts, a, b, g in reversed(pieces):
-        rec = None if record is None else record[g - 1 : g - 1 + b - a][::-1]
-        (c, s), logs = _walk_piece(
+    walk = [
+        (
             step,
             sh,
             _slice(p, a, b, reverse=True),
             pts[a:b][::-1],
-            c,
-            s,
-            rec,
-            transpose=True,
-            tol=tol,
-            width=width,
+            None if record is None else record[g - 1 : g - 1 + b - a][::-1],
+            b - a == 1 and sizes[g] == sizes[g + 1],
         )
-        rows.append(logs[::-1])
+        for step, sh, p, pts, a, b, g in reversed(pieces)
+    ]
+    c, s = jnp.eye(sizes[L], dtype=dtype), jnp.zeros(sizes[L], dtype)
+    _, rows = _walk_pieces(walk, c, s, transpose=True, tol=tol, width=width)
+    rows = [logs[::-1] for logs in rows]
     top = (
         jnp.zeros(width, dtype)
         if record is None
