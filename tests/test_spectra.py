@@ -460,3 +460,47 @@ def test_an_h0_the_step_cannot_take_is_named():
             f(step, w, jnp.ones(5))
     with pytest.raises(ValueError, match=r"maps h0 of shape \(4,\) to \(2,\)"):
         spectra.jacobian_spectra(lambda W, h: (W @ h)[:2], w, jnp.ones(4))
+
+
+def test_unscanned_identical_blocks_walked_as_one_switch_scan_match_jacfwd_both_ways():
+    """A user's model with its blocks written out (one layer each, one state shape) is walked as
+    one scan over `lax.switch`: every forward and backward product against float64 jacfwd + SVD."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return jnp.tanh(nn.Dense(6, kernel_init=nn.initializers.normal(1.5))(h))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6)(x)
+            for _ in range(4):
+                h = Block()(h)
+            return nn.Dense(3)(h)
+
+    with x64():
+        x = jax.random.normal(jax.random.key(0), (1, 5), jnp.float64)
+        model = Net()
+        v = model.init(jax.random.key(1), x)
+        p = v["params"]
+        maps = [lambda h: nn.Dense(6).apply({"params": p["Dense_0"]}, h)]
+        maps += [lambda h, i=i: Block().apply({"params": p[f"Block_{i}"]}, h) for i in range(4)]
+        maps += [lambda h: nn.Dense(3).apply({"params": p["Dense_1"]}, h)]
+
+        def compose(h, a, b):
+            for f in maps[a:b]:
+                h = f(h)
+            return h
+
+        hs = [compose(x, 0, l) for l in range(len(maps) + 1)]  # hs[l] = h_l
+        fwd = spectra.model_spectra(model, v, x, method="exact").log_singular_values
+        bwd = spectra.model_spectra(model, v, x, method="exact", direction="backward").log_singular_values
+        for l in range(1, len(maps) + 1):
+            j = jax.jacfwd(lambda h, l=l: compose(h, 0, l).ravel())(x).reshape(hs[l].size, -1)
+            s = np.log(np.linalg.svd(np.asarray(j), compute_uv=False))
+            np.testing.assert_allclose(fwd[l - 1, : s.size], s, atol=1e-9)
+            g = jax.jacfwd(lambda h, l=l: compose(h, l, len(maps)).ravel())(hs[l]).reshape(3, -1)
+            s = np.log(np.linalg.svd(np.asarray(g), compute_uv=False))
+            np.testing.assert_allclose(bwd[l - 1, : s.size], s, atol=1e-9)
