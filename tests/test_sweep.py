@@ -139,7 +139,8 @@ print("OK")
 
 @pytest.mark.slow
 def test_sharded_sweep_equals_unsharded_on_eight_host_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # keep conftest's
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_SHARDED)],
         env=env,
