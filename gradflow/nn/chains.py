@@ -165,27 +165,15 @@ class Chain:
         self, perturbations: Sequence[jax.Array] | None = None, h0_perturbation: Any = 0.0, keep: bool = False
     ) -> tuple[jax.Array, list]:
         """The one forward walk: (h_L, per-segment stacked outputs if `keep`), perturbed if asked."""
-        h = self.h0 if perturbations is None else self.h0 + h0_perturbation
         eps_all = [None] * len(self.segments) if perturbations is None else list(perturbations)
         if len(eps_all) != len(self.segments):
             raise ValueError(f"{len(eps_all)} perturbations for {len(self.segments)} segments")
-        out = []
-        for seg, eps in zip(self.segments, eps_all, strict=True):
-            if seg.depth == 1:
-                h = seg.step(seg.shared, seg.layer_params(0), h)
-                h = h if eps is None else h + eps[0]
-                out.append(h[None])
-                continue
-
-            def body(h, xs, seg=seg):
-                p, e = xs
-                h = seg.step(seg.shared, p, h)
-                h = h if e is None else h + e
-                return h, (h if keep else None)
-
-            h, hs = lax.scan(body, h, (seg.params, eps), length=seg.depth)
-            out.append(hs)
-        return h, out
+        steps = tuple((seg.step, seg.depth) for seg in self.segments)
+        shared = tuple(seg.shared for seg in self.segments)
+        params = tuple(seg.params for seg in self.segments)
+        h0 = self.h0 if perturbations is None else self.h0 + h0_perturbation
+        h, out = _walk(steps, shared, params, h0, eps_all, keep=keep)
+        return h, list(out)
 
     def state_gradients(self, loss: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
         """dL/dh_0 and dL/dh_l for every layer, L = loss(h_L), in one backward pass.
@@ -204,6 +192,29 @@ class Chain:
     def _out_shapes(self) -> list[tuple[Segment, tuple[int, ...]]]:
         shapes = [s.shape[1:] for s in jax.eval_shape(self.states)]
         return list(zip(self.segments, shapes, strict=True))
+
+
+# One compiled program per chain structure: called eagerly (states, final, a user's script),
+# the walk would otherwise compile each op of each unrolled layer, and the scans, one by one.
+@functools.partial(jax.jit, static_argnames=("steps", "keep"))
+def _walk(steps, shared, params, h, perturbations, *, keep):
+    out = []
+    for (step, depth), sh, ps, eps in zip(steps, shared, params, perturbations, strict=True):
+        if depth == 1:
+            h = step(sh, None if ps is None else jax.tree.map(lambda a: a[0], ps), h)
+            h = h if eps is None else h + eps[0]
+            out.append(h[None])
+            continue
+
+        def body(h, xs, step=step, sh=sh):
+            p, e = xs
+            h = step(sh, p, h)
+            h = h if e is None else h + e
+            return h, (h if keep else None)
+
+        h, hs = lax.scan(body, h, (ps, eps), length=depth)
+        out.append(hs)
+    return h, out
 
 
 def chain(
