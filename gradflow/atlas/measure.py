@@ -298,8 +298,10 @@ def _measure_net(case: NetCase, cfg: AtlasConfig, ds: data.Dataset) -> tuple[dic
     init = jax.jit(init_variables, static_argnums=0, compiler_options=COMPILER_OPTIONS)
     variables = init(model, key, jnp.asarray(x_train[: cfg.batch_size]))
     x0 = jnp.asarray(x_train[0])
-    res = spectra.model_spectra(model, variables, x0, method="exact")
-    logs = res.log_singular_values
+    # The verdict reads the last block's spectrum only: the layers below it cost their QRs and
+    # no Jacobi sweeps (a 12-block CNN of 320 states: 0.4 s instead of 4.3 s on one CPU core).
+    res = spectra.model_spectra(model, variables, x0, method="exact", depths=[case.depth])
+    logs = res.log_singular_values  # (1, N): J_L
     c = model.chain(variables, x0)
     states = c.states()[0]
     finite = bool(jnp.all(jnp.isfinite(states)))

@@ -315,7 +315,8 @@ def build(run_dir: str | pathlib.Path, *, seconds: float | None = None) -> pathl
             md += [f"## {title}\n", f"![{title}]({name})\n", caption, ""]
     md += [
         "Raw numbers: `results.jsonl` (one JSON object per configuration), `arrays/*.npz` "
-        "(per-layer log singular values `<name>/log_sv` and gradient norms `<name>/grad_norm`).",
+        "(log singular values `<name>/log_sv`, per layer for the MLPs and recurrent nets, of the "
+        "last block for the conv and attention nets, and gradient norms `<name>/grad_norm`).",
         "",
     ]
     (run_dir / "report.md").write_text("\n".join(md))
