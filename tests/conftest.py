@@ -72,25 +72,3 @@ def load_experiment():
         return module
 
     return load
-
-
-# The heaviest files first (test-seconds on a 2-core machine, 2026-12: each 65 to 130 s), so
-# that xdist's per-file scheduling (--dist loadfile) ends on small files instead of leaving one
-# worker alone with a two-minute file; the rest keep their order. Only the order changes.
-_HEAVY_FIRST = (
-    "test_spectra.py",
-    "test_nn_transformer.py",
-    "test_experiments_any_model.py",
-    "test_atlas.py",
-    "test_sweep.py",
-    "test_theory.py",
-    "test_theory_fixed_points.py",
-    "test_experiments_classic_ff.py",
-    "test_experiments_classic_rnn.py",
-    "test_nn_conv.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay together
