@@ -168,12 +168,15 @@ class Chain:
         eps_all = [None] * len(self.segments) if perturbations is None else list(perturbations)
         if len(eps_all) != len(self.segments):
             raise ValueError(f"{len(eps_all)} perturbations for {len(self.segments)} segments")
-        steps = tuple((seg.step, seg.depth) for seg in self.segments)
-        shared = tuple(seg.shared for seg in self.segments)
-        params = tuple(seg.params for seg in self.segments)
         h0 = self.h0 if perturbations is None else self.h0 + h0_perturbation
-        h, out = _walk(steps, shared, params, h0, eps_all, keep=keep)
+        h, out = _walk(*self.parts(), h0, eps_all, keep=keep)
         return h, list(out)
+
+    def parts(self) -> tuple[tuple, tuple, tuple]:
+        """(static ((step, depth), ...), traced shared parts, traced params) per segment: what
+        compiled walks over the chain (the forward walk, the spectra engines) take."""
+        steps = tuple((seg.step, seg.depth) for seg in self.segments)
+        return steps, tuple(seg.shared for seg in self.segments), tuple(seg.params for seg in self.segments)
 
     def state_gradients(self, loss: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
         """dL/dh_0 and dL/dh_l for every layer, L = loss(h_L), in one backward pass.

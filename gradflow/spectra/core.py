@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,27 +182,33 @@ def _walk_layers(apply, xs, length, c, s, record, *, tol, width):
     return lax.scan(body, (c, s), (xs, record), length=length)
 
 
-def _walk_pieces(pieces, c, s, *, transpose, tol, width):
-    """Walk consecutive pieces of segments; returns (c, s) and each piece's (layers, width) rows.
+class _Piece(NamedTuple):
+    """Consecutive layers of one segment as a walk takes them (reversed for a backward walk)."""
 
-    pieces: (step, shared, params, inputs, rec, square) per piece, in walk order, params and
-    inputs sliced to its layers (and reversed for a backward walk), rec its slice of `record`
-    (or None), square whether it is one layer whose output has its input's size.
-    A piece of several layers is one scan. A run of one-layer pieces whose inputs have one shape
-    and whose outputs have that size too (the unscanned blocks of a user's Transformer or of one
-    ResNet stage) is one scan as well, over a `lax.switch` between the layers' maps: the QR and
-    Jacobi steps, most of what such a chain compiles, are then compiled once per run, not once
-    per layer.
+    step: Step
+    shared: Any
+    params: Any  # sliced to the piece's layers
+    inputs: jax.Array  # (layers, *state shape): each layer's input state
+    record: jax.Array | None  # the piece's slice of `record`
+    square: bool  # one layer whose output has its input's size
+
+
+def _walk_pieces(pieces, c, s, *, transpose, tol, width):
+    """Walk consecutive `_Piece`s; returns (c, s) and each piece's (layers, width) rows.
+
+    A piece of several layers is one scan. A run of square one-layer pieces whose inputs have one
+    shape (the unscanned blocks of a user's Transformer or of one ResNet stage) is one scan as
+    well, over a `lax.switch` between the layers' maps: the QR and Jacobi steps, most of what
+    such a chain compiles, are then compiled once per run, not once per layer.
     """
-    runs: list[list] = []
+    runs: list[list[_Piece]] = []
     for piece in pieces:
-        pts, square = piece[3], piece[5]
         prev = runs[-1][-1] if runs else None
         if (
-            square
+            piece.square
             and prev is not None
-            and prev[5]
-            and (prev[3].shape, prev[3].dtype) == (pts.shape, pts.dtype)
+            and prev.square
+            and (prev.inputs.shape, prev.inputs.dtype) == (piece.inputs.shape, piece.inputs.dtype)
         ):
             runs[-1].append(piece)
         else:
@@ -216,18 +222,21 @@ def _walk_pieces(pieces, c, s, *, transpose, tol, width):
             rows.append(logs)
             continue
         branches = [
-            functools.partial(_apply_layer, step, sh, jax.tree.map(lambda a: a[0], p), pts[0], transpose)
-            for step, sh, p, pts, _, _ in run
+            functools.partial(
+                _apply_rows,
+                pc.step,
+                pc.shared,
+                jax.tree.map(lambda a: a[0], pc.params),
+                pc.inputs[0],
+                transpose=transpose,
+            )
+            for pc in run
         ]
-        rec = None if run[0][4] is None else jnp.concatenate([r[4] for r in run])
+        rec = None if run[0].record is None else jnp.concatenate([pc.record for pc in run])
         apply = lambda i, c, branches=branches: lax.switch(i, branches, c)  # noqa: E731
         (c, s), logs = _walk_layers(apply, jnp.arange(len(run)), len(run), c, s, rec, tol=tol, width=width)
         rows += list(jnp.split(logs, len(run)))
     return (c, s), rows
-
-
-def _apply_layer(step, shared, p, h, transpose, c):
-    return _apply_rows(step, shared, p, h, c, transpose)
 
 
 def _slice(tree: Any, lo: int, hi: int, reverse: bool = False) -> Any:
@@ -270,7 +279,7 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
         bounds = np.minimum.accumulate(sizes[: hi + 1])  # rank bound of J_l: min(N_0 .. N_l)
         width = int(bounds[1:].max())
         walk = [  # walking A_{j+1} gives row J_{j+1}
-            (
+            _Piece(
                 step,
                 sh,
                 _slice(p, a, b),
@@ -287,7 +296,7 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     # product into G_j^T, row j - 1, with min(N_j .. N_L) rows.
     width = sizes[L]
     walk = [
-        (
+        _Piece(
             step,
             sh,
             _slice(p, a, b, reverse=True),
@@ -310,12 +319,6 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
 
 
 _exact_jit = jax.jit(_exact, static_argnames=("steps", "direction", "tol", "lo", "hi"))
-
-
-def _chain_parts(c: Chain) -> tuple[tuple, tuple, tuple]:
-    """(static steps, traced shared, traced params) of a chain, as `_exact` takes them."""
-    steps = tuple((seg.step, seg.depth) for seg in c.segments)
-    return steps, tuple(seg.shared for seg in c.segments), tuple(seg.params for seg in c.segments)
 
 
 def log_singular_values(
@@ -472,7 +475,7 @@ def chain_spectra(
     if oversample is not None and oversample < 0:
         raise ValueError(f"oversample must be >= 0 (extra block columns for topk), got {oversample}")
 
-    steps, shared, params = _chain_parts(c)
+    steps, shared, params = c.parts()
     if method == "exact":
         record = np.zeros(depth, bool)
         record[wanted - 1] = True
