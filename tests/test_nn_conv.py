@@ -16,7 +16,7 @@ VARIANTS = [
     dict(),
     dict(norm="batch"),
     dict(norm="layer", padding="same"),
-    dict(residual="plain"),
+    dict(residual="plain", pool=False),
     dict(residual="rezero"),
     dict(residual="fixup", activation="relu"),
     dict(activation="maxout", maxout_pieces=2),
@@ -39,6 +39,8 @@ def test_the_chain_from_x_to_y_is_the_model(kw):
     np.testing.assert_allclose(whole.final(), want, rtol=1e-5, atol=1e-6)
     default = chain(model, variables, x)
     np.testing.assert_allclose(default.readout(default.final()), want, rtol=1e-5, atol=1e-6)
+    if not model.pool:  # the head reads every position: (n / 2)^2 positions x 4 channels of stage 2
+        assert variables["params"]["head"]["kernel"].shape == ((n // 2) ** 2 * 4, 10)
     stages = len(model.stages)
     assert default.depth == 2 * stages + stages - 1 and whole.depth == default.depth + 2
 

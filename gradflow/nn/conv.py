@@ -1,12 +1,12 @@
 """Deep convolutional stacks, 1-D and 2-D, scanned over depth within each stage.
 
 `ConvStack` = Conv(channels[0]) input map -> stage 1 -> [strided down block -> stage s] ... ->
-global average pool -> Dense(num_outputs) head. A stage is `depth` identical conv `Block`s (the
-MLP block with nn.Conv for nn.Dense, so the same plain / norm / residual / dropout variants and
-the same pre-activation and state hooks for the trainer's diagnostics), their parameters stacked
-on a depth axis and walked by one `nn.scan`: compile time does not grow with depth. A down block
-between stages is one plain (unscanned) block whose conv has stride `stride` and the next
-stage's channels.
+global average pool (or, with `pool=False`, flatten) -> Dense(num_outputs) head. A stage is
+`depth` identical conv `Block`s (the MLP block with nn.Conv for nn.Dense, so the same plain /
+norm / residual / dropout variants and the same pre-activation and state hooks for the trainer's
+diagnostics), their parameters stacked on a depth axis and walked by one `nn.scan`: compile time
+does not grow with depth. A down block between stages is one plain (unscanned) block whose conv
+has stride `stride` and the next stage's channels.
 
 Padding "circular" makes every conv layer block circulant, so its singular values are those of
 the per-frequency channel matrices of the kernel's FFT (`gradflow.spectra.conv_spectra`, exact at
@@ -58,6 +58,9 @@ class ConvStack(nn.Module):
       stride: the down blocks' stride (>= 2); with "circular" it must divide the spatial size
         entering each down block.
       add_channel: inputs carry no channel axis; one is added.
+      pool: the head averages over the spatial axes, then Dense; False: it flattens positions and
+        channels, then Dense (a readout that keeps position: at initialization a delta-orthogonal
+        stack mixes no positions, so a pooled head would see position-wise features only).
       activation, kernel_init, bias_init, norm, residual, dropout_rate, num_outputs,
         input_init, head_init, bn_momentum, maxout_pieces, unroll: as in `MLPStack`
         (kernel initializers see conv kernels (*kernel, C_in, C_out): fan_in = k^d C_in).
@@ -72,6 +75,7 @@ class ConvStack(nn.Module):
     padding: str = "circular"
     stride: int = 2
     add_channel: bool = False
+    pool: bool = True
     activation: str | Callable = "tanh"
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
@@ -160,10 +164,6 @@ class ConvStack(nn.Module):
                 size = tuple(-(-n // self.stride) for n in size)
         return x
 
-    @nn.nowrap
-    def _pool_axes(self, h: jax.Array) -> tuple[int, ...]:
-        return tuple(range(h.ndim - 1 - self.spatial_dims, h.ndim - 1))
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         h = self._input(x)
@@ -178,7 +178,7 @@ class ConvStack(nn.Module):
         if self.num_outputs is None:
             return h
         return nn.Dense(self.num_outputs, kernel_init=self.head_init, name="head")(
-            jnp.mean(h, axis=self._pool_axes(h))
+            _readout(h, self.spatial_dims, self.pool)
         )
 
     @nn.nowrap
@@ -249,7 +249,7 @@ class ConvStack(nn.Module):
             )
         readout = None
         if self.num_outputs is not None:
-            head = _PoolHead(nn.Dense(self.num_outputs, parent=None), self.spatial_dims)
+            head = _Head(nn.Dense(self.num_outputs, parent=None), self.spatial_dims, self.pool)
             if "head" in parts:
                 segments.append(_dense_segment(head, params, "head"))
             else:
@@ -268,13 +268,20 @@ class _ConvInput:
         return self.conv.apply(v, x[..., None] if self.add_channel else x)
 
 
+def _readout(h: jax.Array, spatial_dims: int, pool: bool) -> jax.Array:
+    """(..., *spatial, C) -> (..., C), the mean over positions; or, without `pool`, flattened."""
+    if pool:
+        return jnp.mean(h, axis=tuple(range(h.ndim - 1 - spatial_dims, h.ndim - 1)))
+    return h.reshape(h.shape[: h.ndim - 1 - spatial_dims] + (-1,))
+
+
 @dataclasses.dataclass(frozen=True)
-class _PoolHead:
-    """The head as a chain step: global average pool over the spatial axes, then Dense."""
+class _Head:
+    """The head as a chain step: pool (or flatten), then Dense."""
 
     dense: nn.Dense
     spatial_dims: int
+    pool: bool
 
     def __call__(self, _: Any, v: Any, h: jax.Array) -> jax.Array:
-        axes = tuple(range(h.ndim - 1 - self.spatial_dims, h.ndim - 1))
-        return self.dense.apply(v, jnp.mean(h, axis=axes))
+        return self.dense.apply(v, _readout(h, self.spatial_dims, self.pool))
