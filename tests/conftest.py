@@ -37,11 +37,13 @@ os.environ["XLA_FLAGS"] = _fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
 # tests start (through the environment): a program one worker compiled, the others load. It is
 # created empty by the session's first process and removed when that process exits, so every
 # session is a cold start (a cached program never hides a first-run failure); set
-# JAX_COMPILATION_CACHE_DIR yourself to keep a cache across sessions.
+# JAX_COMPILATION_CACHE_DIR yourself to keep a cache across sessions. Every program is cached,
+# however fast it compiled: the eager ops the tests run (initializers, small array maths) are each
+# a short compile that the other worker would repeat.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gradflow-tests-jit-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
