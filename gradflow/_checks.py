@@ -6,6 +6,7 @@ is allowed, so a bad value fails before any computation with a message a user ca
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -36,9 +37,20 @@ def check_real(
 
 
 def check_choice(name: str, value: Any, allowed: Sequence) -> None:
-    """A ValueError unless `value` is one of `allowed`."""
+    """A ValueError unless `value` is one of `allowed`; a misspelt name gets the nearest allowed one."""
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}{nearest(value, allowed)}")
+
+
+def nearest(value: Any, allowed: Sequence) -> str:
+    """' (did you mean ...?)' for a string close to an allowed one ("batchnorm" -> "batch"), else ''."""
+    names = [a for a in allowed if isinstance(a, str)]
+    if not isinstance(value, str) or not value or not names:
+        return ""
+    low = value.lower()
+    close = [a for a in names if low.startswith(a.lower()) or a.lower().startswith(low)]
+    close = close or difflib.get_close_matches(low, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_bool(name: str, value: Any) -> None:

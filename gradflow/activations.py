@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gradflow._checks import nearest
+
 Array = jax.Array
 Activation = Callable[..., Array]
 
@@ -202,7 +204,9 @@ def names() -> list[str]:
 def _spec(name: str) -> Spec:
     canonical = _ALIASES.get(name, name)
     if canonical not in _REGISTRY:
-        raise ValueError(f"unknown activation {name!r}; known activations: {', '.join(names())}")
+        raise ValueError(
+            f"unknown activation {name!r}{nearest(name, names())}; known activations: {', '.join(names())}"
+        )
     return _REGISTRY[canonical]
 
 

@@ -228,11 +228,13 @@ def test_vanilla_rnn_step_is_the_textbook_formula():
 
 
 def test_bad_configurations_are_named():
-    with pytest.raises(ValueError, match="norm must be one of .*got 'group'"):
+    with pytest.raises(ValueError, match="norm must be one of .*got 'group'$"):  # nothing near it
         MLPStack(depth=2, width=4, norm="group")
+    with pytest.raises(ValueError, match=r"got 'batchnorm' \(did you mean 'batch'\?\)"):  # the atlas's word
+        MLPStack(depth=2, width=4, norm="batchnorm")
     with pytest.raises(ValueError, match="residual must be one of .*got 'dense'"):
         MLPStack(depth=2, width=4, residual="dense")
-    with pytest.raises(ValueError, match="unknown activation 'tanhh'"):
+    with pytest.raises(ValueError, match=r"unknown activation 'tanhh' \(did you mean 'tanh'\?\)"):
         MLPStack(depth=2, width=4, activation="tanhh")
     with pytest.raises(ValueError, match="fixup"):
         MLPStack(depth=2, width=4, residual="fixup", norm="batch")
