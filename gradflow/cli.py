@@ -10,6 +10,7 @@ a line saying that the same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -413,15 +414,35 @@ COMMANDS = {
 _CONSOLE = False  # main() runs as the console script (argv None), not called from Python
 
 
+def _config_errors() -> contextlib.AbstractContextManager:
+    """A config's own validation error (a `__post_init__` ValueError, e.g. `--model.norm group`)
+    is raised to `main`, which prints it as gradflow's error. Without this tyro prints it in its own
+    box under its internal wrapper name ("Error parsing __tyro-dummy-inner__.model"). tyro's hook
+    for this, `tyro._errors.on_parse_error`, is marked unstable: where a tyro lacks it, tyro's own
+    box stays."""
+    errors = getattr(tyro, "_errors", None)
+    register = getattr(errors, "on_parse_error", None)
+    failure = getattr(errors, "InstantiationFailure", None)
+    if register is None or failure is None:
+        return contextlib.nullcontext()
+
+    def hook(event: object) -> None:
+        if isinstance(event, failure):
+            raise ValueError(event.message)
+
+    return register(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradflow` console script."""
     global _CONSOLE
     _CONSOLE = argv is None
     commands = {name: cls for name, (cls, _) in COMMANDS.items()}
     try:
-        cmd = tyro.extras.subcommand_cli_from_dict(
-            commands, args=argv, prog="gradflow", description=__doc__.splitlines()[0]
-        )
+        with _config_errors():
+            cmd = tyro.extras.subcommand_cli_from_dict(
+                commands, args=argv, prog="gradflow", description=__doc__.splitlines()[0]
+            )
     except ValueError as e:  # a config's own validation (__post_init__) rejected a value
         _fail(str(e))
     if isinstance(cmd, Atlas):

@@ -28,6 +28,10 @@ def test_every_subcommand_has_help(sub, capsys):
         (["spectra", "--method", "svd"], "method"),
         (["train", "--train.optim.optimizer", "lbfgs"], "optimizer"),
         (["train", "--dataset", "imagenet"], "dataset"),
+        (
+            ["train", "--model.norm", "batchnorm"],
+            "gradflow: error: norm must be one of (None, 'batch', 'layer'), got 'batchnorm' (did you mean 'batch'?)",
+        ),
         (["atlas", "--bogus"], "--bogus"),
         (["report", "/no/such/run"], "/no/such/run"),
         # an output location that cannot take the results, refused before computing them
@@ -42,6 +46,7 @@ def test_bad_flags_and_values_exit_2_naming_them(argv, named, capsys):
     assert e.value.code == 2
     err = capsys.readouterr()
     assert named in " ".join((err.out + err.err).split())
+    assert "tyro-dummy" not in err.out + err.err  # tyro's internal wrapper name never shows
 
 
 def test_spectra_prints_the_table_and_writes_results(tmp_path, capsys):
