@@ -283,7 +283,7 @@ def run_train(cmd: Train) -> int:
     result = train.fit(
         model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), run_dir=cmd.out, resume=cmd.resume
     )
-    plots.train_run_figures(result.history, cmd.out)
+    plots.train_run_figures(result.history, cmd.out, result.diagnostic_layers)
     if result.interrupted:
         last = result.history[-1]["epoch"] if result.history else -1
         print(
@@ -394,7 +394,9 @@ def run_report(cmd: Report) -> int:
         history = [
             json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
         ]
-        for p in plots.train_run_figures(history, run_dir):
+        config = run_dir / "config.json"
+        layers = json.loads(config.read_text()).get("layers") if config.exists() else None
+        for p in plots.train_run_figures(history, run_dir, layers):
             print(f"wrote {p}")
         return 0
     raise FileNotFoundError(

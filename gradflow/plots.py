@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -19,10 +20,13 @@ def layer_heatmap(
     title: str = "",
     label: str = "log10 ||dL/dW_l||",
     xlabel: str = "epoch",
+    layers: Sequence[str] | None = None,
 ):
     """log10 of a per-layer quantity over training: rows are layers (bottom = layer 1), columns time.
 
-    Non-positive or non-finite entries are left blank. Returns the image.
+    Non-positive or non-finite entries are left blank. The layer axis is ticked at whole layers,
+    labelled by `layers` (their names, one per row; at most about 20 labels shown) when given.
+    Returns the image.
     """
     v = np.asarray(values_TxL, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -37,6 +41,12 @@ def layer_heatmap(
     )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if layers is not None and len(layers) == v.shape[1]:
+        rows = np.arange(1, v.shape[1] + 1, max(1, -(-v.shape[1] // 20)))
+        ax.set_yticks(rows, [layers[r - 1] for r in rows], fontsize=7)
+    else:
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(title)
     plt.colorbar(im, ax=ax, label=label)
     return im
@@ -62,8 +72,11 @@ def grad_norm_profiles(
     plt.close(fig)
 
 
-def train_run_figures(history: Sequence[dict], out: str | pathlib.Path) -> list[pathlib.Path]:
-    """Loss curve and per-layer gradient-norm heatmap of a `gradflow.train.fit` run's records."""
+def train_run_figures(
+    history: Sequence[dict], out: str | pathlib.Path, layers: Sequence[str] | None = None
+) -> list[pathlib.Path]:
+    """Loss curve and per-layer gradient-norm heatmap of a `gradflow.train.fit` run's records
+    (`layers`: the names of the records' per-layer entries, `TrainResult.diagnostic_layers`)."""
     out = pathlib.Path(out)
     paths = []
     if not history:
@@ -85,7 +98,7 @@ def train_run_figures(history: Sequence[dict], out: str | pathlib.Path) -> list[
             [[np.nan if v is None else v for v in r["grad_norm"]] for r in history], np.float64
         )
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        layer_heatmap(grads, ax, title="per-layer gradient norms over training")
+        layer_heatmap(grads, ax, title="per-layer gradient norms over training", layers=layers)
         fig.tight_layout()
         paths.append(out / "grad_norms.png")
         fig.savefig(paths[-1], dpi=110)

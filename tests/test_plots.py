@@ -18,6 +18,13 @@ def test_heatmap_pixels_are_log10_of_the_values_and_blanks_stay_blank():
     img = np.ma.filled(im.get_array(), np.nan)  # rows layers, columns epochs
     np.testing.assert_allclose(img[:, 0], [0.0, 1.0, -19.0])  # no underflow at 1e-19
     assert img[0, 1] == 2.0 and np.isnan(img[1, 1]) and np.isnan(img[2, 1])  # 0 and NaN: blank
+    ticks = ax.get_yticks()
+    assert np.all(ticks == np.round(ticks))  # whole layers, never 0.5, 1.5
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plots.layer_heatmap(v, ax, layers=["embed", "stage1[1]", "head"])  # a CNN run's layers, by name
+    assert ax.get_yticks().tolist() == [1, 2, 3]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "stage1[1]", "head"]
     plt.close(fig)
 
 

@@ -300,6 +300,7 @@ def fit(
             "model": _model_dict(model),
             "init": fingerprint({"params": state.params, "batch_stats": state.batch_stats})["sha256"],
             "data": fingerprint([x_train, y_train, x_test, y_test]),
+            "layers": list(lay.layer_names),  # the names of the records' per-layer entries
         }
         store = _Store(Path(run_dir), config, resume)
         restored = store.restore(state) if resume else None
