@@ -47,9 +47,9 @@ def test_a_deep_critical_tanh_cnn_trains_with_delta_orthogonal_kernels_and_not_w
     assert result["sigma_w"] == pytest.approx(1.0421, abs=1e-4) and result["depth"] >= 100
     delta = result["nets"][f"delta_orthogonal_L{result['depth']}"]
     gauss = result["nets"][f"gaussian_L{result['depth']}"]
-    assert min(delta["test_accuracy_per_seed"]) > max(gauss["test_accuracy_per_seed"]) + 0.03
-    assert delta["train_accuracy"][-1] > gauss["train_accuracy"][-1] + 0.03
-    assert gauss["test_accuracy"][-1] < 0.12  # chance 0.10
+    # the claim's line, 0.12 (chance 0.10), for every seed: delta-orthogonal learns, Gaussian does not
+    assert min(delta["test_accuracy_per_seed"]) > 0.12 > max(gauss["test_accuracy_per_seed"])
+    assert delta["train_accuracy"][-1] > 0.12 > gauss["train_accuracy"][-1]
     # chi_1 = 1 keeps the mean squared gradient; a finite-width Gaussian product's typical one still
     # falls (E log lambda < log E lambda), an orthogonal one's does not
     assert 0.7 < delta["grad_norm_last_over_first_block_at_init"] < 2.0
