@@ -312,14 +312,12 @@ def run_sweep(cmd: Sweep) -> int:
     out = pathlib.Path(cmd.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "epochs.npz", **{k: np.asarray(v) for k, v in res.epochs.items()})
-    runs = []
-    for i in range(len(res.hparams.seed)):
-        last = {k: float(np.asarray(v)[i, -1]) for k, v in res.epochs.items() if np.ndim(v) == 2}
-        runs.append({"hparams": {k: float(v[i]) for k, v in res.hparams._asdict().items()}, "final": last})
+    runs = _sweep_rows(res, cfg.task)
     (out / "results.json").write_text(json.dumps({"seconds": seconds, "runs": runs}, indent=2))
+    _write_csv(out / "results.csv", runs)
     curves = (
         {
-            f"lr={r['hparams']['lr']:g} scale={r['hparams']['weight_scale']:g} seed={int(r['hparams']['seed'])}": np.asarray(
+            f"lr={r['lr']:g} scale={r['weight_scale']:g} seed={r['seed']}": np.asarray(
                 res.epochs["grad_norm"]
             )[i, 0]
             for i, r in enumerate(runs)
@@ -328,10 +326,83 @@ def run_sweep(cmd: Sweep) -> int:
         else {}
     )
     plots.grad_norm_profiles(curves, out / "grad_norms.png", title="per-layer gradient norms, first epoch")
-    for r in runs:
-        print(json.dumps(r))
-    print(f"{len(runs)} runs in {seconds:.1f} s; wrote {out}")
+    _print_sweep_table(runs, cfg)
+    print(f"{len(runs)} runs in {seconds:.1f} s; wrote {out}/results.csv, results.json, epochs.npz")
     return 0
+
+
+def _given(v: object) -> float:
+    """A float32 hyperparameter as the user wrote it (1e-4, not 9.999999747378752e-05): numpy's
+    shortest float32 repr, read back as a Python float."""
+    import numpy as np
+
+    return float(str(np.float32(v)))
+
+
+def _sweep_rows(res, task: str) -> list[dict]:
+    """One row per run, the best first: hparams as given, final-epoch loss and accuracies, the
+    first/last-layer gradient ratio of epoch 1, and whether the run hit a NaN/Inf. Best: highest
+    final test accuracy (classification) or lowest final test loss; diverged runs last."""
+    import numpy as np
+
+    ep = {k: np.asarray(v) for k, v in res.epochs.items()}
+    rows = []
+    for i in range(len(res.hparams.seed)):
+        row = {
+            "seed": int(res.hparams.seed[i]),
+            "lr": _given(res.hparams.lr[i]),
+            "weight_scale": _given(res.hparams.weight_scale[i]),
+            "clip_value": _given(res.hparams.clip_value[i]),
+        }
+        for k in ("loss", "accuracy", "test_loss", "test_accuracy"):
+            if k in ep:
+                row[k] = float(ep[k][i, -1])
+        if "grad_norm" in ep:
+            g = ep["grad_norm"][i, 0]
+            row["grad_first_over_last"] = float(g[0] / g[-1]) if g[-1] > 0 else float("nan")
+        row["diverged"] = bool(np.any(ep["nonfinite_step"][i] >= 0)) or not np.isfinite(row["loss"])
+        rows.append(row)
+    key = "test_accuracy" if task == "classification" and "test_accuracy" in rows[0] else "test_loss"
+    key = key if key in rows[0] else "loss"
+    sign = -1.0 if key.endswith("accuracy") else 1.0
+
+    def rank(r: dict) -> tuple:
+        v = r[key]
+        return (r["diverged"], not np.isfinite(v), sign * v if np.isfinite(v) else 0.0)
+
+    rows.sort(key=rank)
+    for j, r in enumerate(rows):
+        r["best"] = j == 0 and not r["diverged"]
+    return rows
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _print_sweep_table(rows: list[dict], cfg: TrainConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    given = ["seed", "lr", *(["weight_scale"] if len({r["weight_scale"] for r in rows}) > 1 else [])]
+    given += ["clip_value"] if cfg.optim.clip is not None else []
+    measured = [
+        c for c in ("loss", "accuracy", "test_loss", "test_accuracy", "grad_first_over_last") if c in rows[0]
+    ]
+    table = Table(title="sweep, best first (grad_first_over_last: layer 1 / last layer, epoch 1)")
+    table.add_column("")
+    for c in given + measured:
+        table.add_column(c, justify="right")
+    table.add_column("status")
+    for r in rows:
+        cells = [f"{r[c]:g}" for c in given] + [f"{r[c]:.3g}" for c in measured]
+        table.add_row("*" if r["best"] else "", *cells, "diverged" if r["diverged"] else "ok")
+    Console(width=160).print(table)
 
 
 def run_atlas(cmd: Atlas) -> int:

@@ -1,7 +1,9 @@
 """The `gradflow` command: help, errors with exit code 2, and small end-to-end runs."""
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import tyro
 
@@ -202,3 +204,29 @@ def test_bad_user_models_exit_2_naming_the_problem(argv, named, capsys):
     assert e.value.code == 2
     err = capsys.readouterr()
     assert named in " ".join((err.out + err.err).split())
+
+
+def test_sweep_prints_a_best_first_table_and_writes_the_same_rows(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model.depth", "2", "--model.width", "8", "--num-samples", "200"]
+    argv += ["--train.epochs", "1", "--seeds", "0", "1", "--lr", "1e-4", "3e-3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    with open(out / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    ep = np.load(out / "epochs.npz")
+    assert len(runs) == len(csv_rows) == 4
+    # hparams as given (1e-4, not float32's 9.999999747378752e-05), numbers those of epochs.npz,
+    # whose run order is the grid's (seeds fastest)
+    assert {(r["seed"], r["lr"]) for r in runs} == {(0, 1e-4), (1, 1e-4), (0, 3e-3), (1, 3e-3)}
+    for r, c in zip(runs, csv_rows):
+        i = 2 * [1e-4, 3e-3].index(r["lr"]) + r["seed"]
+        assert r["test_accuracy"] == pytest.approx(float(ep["test_accuracy"][i, -1]), rel=1e-6)
+        g = ep["grad_norm"][i, 0]
+        assert r["grad_first_over_last"] == pytest.approx(float(g[0] / g[-1]), rel=1e-6)
+        assert float(c["loss"]) == pytest.approx(r["loss"], rel=1e-6) and int(c["seed"]) == r["seed"]
+    acc = [r["test_accuracy"] for r in runs]
+    assert acc == sorted(acc, reverse=True) and [r["best"] for r in runs] == [True, False, False, False]
+    best = next(line for line in text.splitlines() if "*" in line)  # the marked row is the best run
+    assert f"{runs[0]['lr']:g}" in best and "ok" in best and "9.99999" not in text
