@@ -99,10 +99,11 @@ def run(
     verbose: bool = True,
 ) -> dict:
     """Train both ensembles at `control_depth` and `depth`; write result.json and conv_training.png."""
-    if min(depth, channels, epochs, seeds) < 1 or control_depth < 0 or not lr > 0:
+    if min(depth, channels, epochs, seeds) < 1 or control_depth < 0 or not lr > 0 or num_samples < 80:
         raise ValueError(
-            f"need depth, channels, epochs, seeds >= 1, control_depth >= 0 (0: no control) and lr > 0; "
-            f"got {depth}, {control_depth}, {channels}, {epochs}, {seeds}, {lr}"
+            "need depth, channels, epochs, seeds >= 1, control_depth >= 0 (0: no control), lr > 0 and "
+            f"num_samples >= 80 (one batch of 64 in the 80% training split); got {depth}, "
+            f"{control_depth}, {channels}, {epochs}, {seeds}, {lr}, {num_samples}"
         )
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
