@@ -265,6 +265,11 @@ def test_stack_config_fields_each_mean_one_thing():
         StackConfig(residual="dense")
     with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
         StackConfig(kind="rnn", seq_len=0)
+    # the module activations (a learned or random slope) build in the feed-forward stacks only
+    for kind in ("mlp", "conv"):
+        assert StackConfig(kind=kind, activation="prelu").build().activation == "prelu"
+    with pytest.raises(ValueError, match="activation must be one of .*got 'prelu'"):
+        StackConfig(kind="rnn", activation="prelu")
 
 
 def test_integer_fields_refuse_fractions():

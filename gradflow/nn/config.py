@@ -9,7 +9,7 @@ import flax.linen as nn
 from gradflow import activations, initializers
 from gradflow._checks import check_choice, check_int, check_real
 from gradflow.nn.conv import ConvStack
-from gradflow.nn.mlp import MLPStack
+from gradflow.nn.mlp import _MODULE_ACTIVATIONS, MLPStack
 from gradflow.nn.recurrent import GRUStack, LSTMStack, RNNStack
 
 KINDS = ("mlp", "conv", "rnn", "lstm", "gru")
@@ -31,7 +31,8 @@ class StackConfig:
       width: the hidden state's size (an MLP's width, a conv stack's channels, a recurrent
         cell's hidden units; >= 1).
       kernel_size: the conv stack's kernel size (odd, >= 1; only read by "conv").
-      activation: a name from `gradflow.activations.names()` (MLP, conv and RNN).
+      activation: a name from `gradflow.activations.names()` (MLP, conv and RNN), or "prelu" /
+        "rrelu" as modules (MLP and conv).
       init: kernel initializer, a name from `gradflow.initializers.names()`.
       gain: multiplier of the kernel initializer's standard deviation (sigma_w for "gaussian",
         the gain of the variance-scaling and (delta-)orthogonal initializers); None for 1. Not
@@ -63,7 +64,12 @@ class StackConfig:
         check_choice("kind", self.kind, KINDS)
         for name in ("depth", "seq_len", "width", "kernel_size", "num_outputs"):
             check_int(name, getattr(self, name), 1)
-        check_choice("activation", self.activation, activations.names())
+        # prelu / rrelu are modules (a learned slope, a random one in training): the feed-forward
+        # blocks build them, the recurrent cells take registry functions only
+        module_activations = _MODULE_ACTIVATIONS if self.kind in ("mlp", "conv") else ()
+        check_choice(
+            "activation", self.activation, list(dict.fromkeys([*activations.names(), *module_activations]))
+        )
         check_choice("init", self.init, initializers.names())
         if self.gain is not None:
             check_real("gain", self.gain, lo=0.0, lo_open=True)
