@@ -315,16 +315,12 @@ def run_sweep(cmd: Sweep) -> int:
     runs = _sweep_rows(res, cfg.task)
     (out / "results.json").write_text(json.dumps({"seconds": seconds, "runs": runs}, indent=2))
     _write_csv(out / "results.csv", runs)
-    curves = (
-        {
-            f"lr={r['lr']:g} scale={r['weight_scale']:g} seed={r['seed']}": np.asarray(
-                res.epochs["grad_norm"]
-            )[i, 0]
-            for i, r in enumerate(runs)
-        }
-        if "grad_norm" in res.epochs
-        else {}
-    )
+    grads = np.asarray(res.epochs["grad_norm"]) if "grad_norm" in res.epochs else None
+    curves = {  # each row's own run (the rows are sorted best first)
+        f"lr={r['lr']:g} scale={r['weight_scale']:g} seed={r['seed']}": grads[r["run"], 0]
+        for r in runs
+        if grads is not None
+    }
     plots.grad_norm_profiles(curves, out / "grad_norms.png", title="per-layer gradient norms, first epoch")
     _print_sweep_table(runs, cfg)
     print(f"{len(runs)} runs in {seconds:.1f} s; wrote {out}/results.csv, results.json, epochs.npz")
@@ -340,15 +336,17 @@ def _given(v: object) -> float:
 
 
 def _sweep_rows(res, task: str) -> list[dict]:
-    """One row per run, the best first: hparams as given, final-epoch loss and accuracies, the
-    first/last-layer gradient ratio of epoch 1, and whether the run hit a NaN/Inf. Best: highest
-    final test accuracy (classification) or lowest final test loss; diverged runs last."""
+    """One row per run, the best first: its index in the sweep (the run axis of `epochs.npz`),
+    hparams as given, final-epoch loss and accuracies, the first/last-layer gradient ratio of
+    epoch 1, and whether the run hit a NaN/Inf. Best: highest final test accuracy
+    (classification) or lowest final test loss; diverged runs last."""
     import numpy as np
 
     ep = {k: np.asarray(v) for k, v in res.epochs.items()}
     rows = []
     for i in range(len(res.hparams.seed)):
         row = {
+            "run": i,
             "seed": int(res.hparams.seed[i]),
             "lr": _given(res.hparams.lr[i]),
             "weight_scale": _given(res.hparams.weight_scale[i]),

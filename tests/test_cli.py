@@ -222,6 +222,7 @@ def test_sweep_prints_a_best_first_table_and_writes_the_same_rows(tmp_path, caps
     assert {(r["seed"], r["lr"]) for r in runs} == {(0, 1e-4), (1, 1e-4), (0, 3e-3), (1, 3e-3)}
     for r, c in zip(runs, csv_rows):
         i = 2 * [1e-4, 3e-3].index(r["lr"]) + r["seed"]
+        assert r["run"] == i and int(c["run"]) == i  # the row points at its run in epochs.npz
         assert r["test_accuracy"] == pytest.approx(float(ep["test_accuracy"][i, -1]), rel=1e-6)
         g = ep["grad_norm"][i, 0]
         assert r["grad_first_over_last"] == pytest.approx(float(g[0] / g[-1]), rel=1e-6)

@@ -63,8 +63,8 @@ def run(
     Writes `out/config.json`, appends one JSON line per configuration to `out/results.jsonl`,
     and saves per-group arrays to `out/arrays/<group>.npz` (per-layer log singular values, the
     conv and attention nets' of the last block only, and per-layer gradient norms; a group's
-    file is named by what its configurations share, e.g. `tanh-plain-L50-gaussian.npz`; recurrent cells and nets have one file each, named as
-    their rows). Rows already in results.jsonl for the same config are reused; a directory
+    file is named by what its configurations share, e.g. `tanh-plain-L50-gaussian.npz`; recurrent
+    cells and nets have one file each, named as their rows). Rows already in results.jsonl for the same config are reused; a directory
     holding another grid's results is refused (its finished rows are never dropped) unless
     `fresh`, which removes them first. `only` replaces the grid by explicit (feed-forward,
     recurrent, net) cases.
