@@ -31,6 +31,21 @@ INPUTS = ("mnist1d", "random")
 
 
 @dataclasses.dataclass(frozen=True)
+class Hosts:
+    """Several processes (hosts) as one run: start the same command on each; process 0 writes."""
+
+    coordinator: str | None = None
+    """host:port where process 0 listens, or 'auto' (the cluster's own detection: SLURM, Open MPI,
+    Kubernetes); default: GRADFLOW_COORDINATOR, else a single process."""
+    num_processes: int | None = None
+    """processes in the run (default: GRADFLOW_NUM_PROCESSES)."""
+    process_id: int | None = None
+    """this process's id, 0..num_processes - 1 (default: GRADFLOW_PROCESS_ID)."""
+    heartbeat_timeout_s: int = 100
+    """a process silent this long is taken as dead, and the others end (rerun to resume)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Spectra:
     """Per-layer singular-value spectra of the input-output Jacobian of a stack at initialization."""
 
@@ -93,6 +108,7 @@ class Sweep:
     clip_value: tuple[float, ...] = (1.0,)
     """clipping thresholds (used when --train.optim.clip is set)."""
     out: str = "runs/sweep"
+    hosts: Annotated[Hosts, Flat] = Hosts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +123,7 @@ class Atlas:
     """start over: remove this directory's earlier atlas results (another grid's are refused otherwise)."""
     progress: bool | None = None
     """progress bar (default: when stdout is a terminal)."""
+    hosts: Annotated[Hosts, Flat] = Hosts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +214,12 @@ def _user_spectra(cmd: Spectra):
 
 
 def _writable(out: str) -> None:
-    """Refuse an output location that cannot take the results, before computing them."""
+    """Refuse an output location that cannot take the results, before computing them (checked
+    by the process that writes them: process 0 of a multi-process run)."""
+    from gradflow import distributed
+
+    if not distributed.is_writer():
+        return
     path = pathlib.Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -297,9 +319,10 @@ def run_train(cmd: Train) -> int:
 
 
 def run_sweep(cmd: Sweep) -> int:
+    import jax
     import numpy as np
 
-    from gradflow import plots, train
+    from gradflow import distributed, plots, train
 
     _writable(cmd.out)
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
@@ -309,6 +332,11 @@ def run_sweep(cmd: Sweep) -> int:
     t0 = time.perf_counter()
     res = train.sweep(model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), hp)
     seconds = time.perf_counter() - t0
+    if not distributed.is_writer():
+        print(
+            f"process {jax.process_index()}: {len(res.hparams.seed)} runs in {seconds:.1f} s; process 0 writes {cmd.out}"
+        )
+        return 0
     out = pathlib.Path(cmd.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "epochs.npz", **{k: np.asarray(v) for k, v in res.epochs.items()})
@@ -404,7 +432,7 @@ def _print_sweep_table(rows: list[dict], cfg: TrainConfig) -> None:
 
 
 def run_atlas(cmd: Atlas) -> int:
-    from gradflow import atlas
+    from gradflow import atlas, distributed
     from gradflow.atlas import report
 
     _writable(cmd.out)
@@ -419,6 +447,9 @@ def run_atlas(cmd: Atlas) -> int:
         if _CONSOLE:
             os._exit(130)  # without joining the threads still compiling interrupted groups
         return 130
+    if not distributed.is_writer():
+        print(f"{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; process 0 writes {cmd.out}")
+        return 0
     page = report.build(cmd.out, seconds=time.perf_counter() - t0)
     print(report.markdown_table(rows))
     print(f"{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; open {page}")
@@ -520,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = _narrow_atlas(cmd, sys.argv[1:] if argv is None else argv)
     action = next(fn for cls, fn in COMMANDS.values() if isinstance(cmd, cls))
     try:
+        if hasattr(cmd, "hosts"):  # before anything else uses jax
+            from gradflow import distributed
+
+            distributed.initialize(**dataclasses.asdict(cmd.hosts))
         return action(cmd)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)

@@ -8,18 +8,23 @@ import dataclasses
 import os
 import pathlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import data, store
+from gradflow import data, distributed, store
 from gradflow._interrupt import deferred_interrupt
 from gradflow.atlas.grid import AtlasConfig, Case, Cases, NetCase, RecurrentCase, cases, unavailable
 from gradflow.atlas.measure import _InitCache, _measure_group, _measure_net, _measure_recurrent
 
 
 def _workers() -> int:
-    """Groups measured concurrently: one per CPU core (at most 4), or GRADFLOW_ATLAS_WORKERS."""
+    """Groups measured concurrently: one per CPU core (at most 4), or GRADFLOW_ATLAS_WORKERS; one
+    in a multi-process run, whose processes must launch their programs in the same order."""
+    if jax.process_count() > 1:
+        return 1
     env = os.environ.get("GRADFLOW_ATLAS_WORKERS")
     return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
 
@@ -82,8 +87,8 @@ def run(
     if only is not None:
         only = Cases(*(list(part) for part in only))
         config["only"] = [c.name for part in only for c in part]
-    runs = store.RunStore(out, config, on_mismatch="error", fresh=fresh, clear=_REPORT_FILES)
-    done = {row["name"]: row for row in runs.records("results")}
+    runs = _open_store(out, config, fresh)
+    done = {row["name"]: row for row in runs.done}
 
     try:
         ff, rec, nets = cases(cfg) if only is None else only
@@ -167,7 +172,7 @@ def run(
                         emit(row)
                     if stop.requested:
                         keep_finished()
-                        kept = len({r["name"] for r in runs.records("results")})
+                        kept = len({r["name"] for r in rows} | set(done))
                         raise KeyboardInterrupt(f"atlas interrupted: {kept} configurations kept in {out}")
                 except Exception:
                     keep_finished()  # a group failed: raise at once, without waiting for the others
@@ -178,6 +183,42 @@ def run(
         return rows
     finally:
         runs.close()
+
+
+class _Store(NamedTuple):
+    """The run store as one process sees it: process 0 writes (`runs`), the others (runs None)
+    only learn what is already done."""
+
+    runs: store.RunStore | None
+    done: list[dict]
+
+    def append(self, name: str, record: dict) -> None:
+        if self.runs is not None:
+            self.runs.append(name, record)
+
+    def save_arrays(self, name: str, **arrays) -> None:
+        if self.runs is not None:
+            self.runs.save_arrays(name, **arrays)
+
+    def close(self) -> None:
+        if self.runs is not None:
+            self.runs.close()
+
+
+def _open_store(out: str | pathlib.Path, config: dict, fresh: bool) -> _Store:
+    """Process 0 opens the store; every process gets its finished rows (or its refusal, raised
+    on every process alike) by `distributed.broadcast_json`."""
+    runs, told = None, None
+    if distributed.is_writer():
+        try:
+            runs = store.RunStore(out, config, on_mismatch="error", fresh=fresh, clear=_REPORT_FILES)
+            told = {"rows": runs.records("results")}
+        except ValueError as e:
+            told = {"error": str(e)}
+    told = distributed.broadcast_json(told)
+    if "error" in told:
+        raise ValueError(told["error"])
+    return _Store(runs, told["rows"])
 
 
 def load_rows(out: str | pathlib.Path) -> list[dict]:

@@ -17,15 +17,13 @@ cannot be vmapped: `sweep_points` groups the points by structure (model equality
 config with seed, lr and clip_value blanked) and runs one vmapped call per group. The compiled
 call is cached per structure, so a second sweep of the same structure does not recompile.
 
-Devices. With more than one device (`jax.devices()`), the sweep axis is sharded over a 1-D
-`Mesh(devices, ("sweep",))` with `NamedSharding(mesh, P("sweep"))`, the data replicated, and
-the number of runs padded to a multiple of the device count (the padding repeats the last run
-and is dropped from the results). Inputs are built with `jax.make_array_from_callback`, which
-on several hosts lets each process supply the shards it holds; outputs come back through
-`multihost_utils.process_allgather`. So the same call runs multi-host: start every process with
-`jax.distributed.initialize()` (coordinator address, process count and id, or the cluster's
-auto-detection) before anything else touches jax, then call `sweep` with the same arguments on
-every process; `jax.devices()` is then the global device list.
+Devices. With more than one device (`jax.devices()`, every process's after
+`jax.distributed.initialize`), the run axis is sharded over `gradflow.distributed`'s 1-D batch
+mesh, the data replicated, the runs padded to a multiple of the device count (the padding is
+dropped from the results), each process supplying only its own devices' shards and every process
+receiving all results. So the same call runs multi-host: start every process with
+`gradflow.distributed.initialize()` before anything else touches jax, then call `sweep` with the
+same arguments on every process.
 """
 
 from __future__ import annotations
@@ -40,10 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from gradflow import distributed
 from gradflow.optim import make_optimizer
 from gradflow.train.diagnostics import Layout, layout
 from gradflow.train.loop import train_epochs
@@ -188,19 +187,6 @@ class SweepResult:
         }
 
 
-def _global_array(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host copy held identically by every process."""
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-
-def _to_host(tree: Any) -> Any:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 @functools.lru_cache(maxsize=16)
 def _compiled_run(
     model: nn.Module, cfg: TrainConfig, devices: tuple | None, compiler_options: tuple = ()
@@ -217,7 +203,7 @@ def _compiled_run(
     options = dict(compiler_options) or None
     if devices is None:
         return jax.jit(vrun, compiler_options=options)
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("sweep",)), P("sweep"))
+    sharding = NamedSharding(distributed.mesh(devices), P(distributed.AXIS))
     return jax.jit(vrun, out_shardings=sharding, compiler_options=options)
 
 
@@ -286,23 +272,19 @@ def sweep(
     options = tuple(sorted((compiler_options or {}).items()))
     vrun = _compiled_run(model, _structure(cfg), tuple(devices) if shard else None, options)
     if shard:
-        pad = (-S) % len(devices)
-        hp = Hparams(*(np.concatenate([a, np.repeat(a[-1:], pad)]) for a in hp))
-        mesh = Mesh(np.asarray(devices), ("sweep",))
-        by_run, replicated = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
-        hp_in = Hparams(*(_global_array(a, by_run) for a in hp))
-        data_in = tuple(None if a is None else _global_array(a, replicated) for a in (x, y, x_test, y_test))
-        variables = jax.tree.map(lambda a: _global_array(np.asarray(a), replicated), variables)
-        params, batch_stats, epochs = vrun(hp_in, data_in, variables)
+        m = distributed.mesh(devices)
+        hp_pad, _ = distributed.pad(hp, m.size)
+        data_in = distributed.put((x, y, x_test, y_test), m, batched=False)
+        outputs = vrun(
+            distributed.put(hp_pad, m, batched=True), data_in, distributed.put(variables, m, batched=False)
+        )
     else:
         data_in = tuple(None if a is None else jnp.asarray(a) for a in (x, y, x_test, y_test))
-        params, batch_stats, epochs = vrun(Hparams(*(jnp.asarray(a) for a in hp)), data_in, variables)
-    params, batch_stats, epochs = jax.tree.map(
-        lambda a: np.asarray(a)[:S], _to_host((params, batch_stats, epochs))
-    )
+        outputs = vrun(Hparams(*(jnp.asarray(a) for a in hp)), data_in, variables)
+    params, batch_stats, epochs = distributed.gather(outputs, S)
     lay = layout(model, jax.tree.map(lambda a: a[0], {"params": params, "batch_stats": batch_stats}), x[:1])
     return SweepResult(
-        hparams=Hparams(*(a[:S] for a in hp)),
+        hparams=hp,
         params=params,
         batch_stats=batch_stats,
         epochs=epochs,
