@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import data, initializers, signal, spectra
+from gradflow import data, distributed, initializers, signal, spectra
 from gradflow.atlas.grid import (
     _ARCH_FIELDS,
     AtlasConfig,
@@ -98,10 +98,11 @@ def _spectra_group(
         (_, finite), _ = jax.lax.scan(fwd, (h0, jnp.asarray(True)), p)
         return spectra.log_singular_values(step, p, h0), finite, jnp.mean(h0**2)
 
-    logs, finite, m0 = jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=COMPILER_OPTIONS)(
-        jnp.asarray(scales, x_spec.dtype), variables
+    # the scales sharded over every device of every process, like the training sweep below
+    logs, finite, m0 = distributed.vmap_sharded(
+        one, (np.asarray(scales, x_spec.dtype),), (variables,), compiler_options=COMPILER_OPTIONS
     )
-    return np.asarray(logs), np.asarray(finite), float(m0[0])
+    return logs, finite, float(m0[0])
 
 
 def _measure_group(
