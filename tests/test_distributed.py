@@ -77,18 +77,19 @@ assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_de
 model, cfg, data, hp, params, h0 = _problem()
 res = sweep(model, cfg, data, hp)
 assert res.num_devices == 4
+given = sweep(model, cfg, data, hp, init_variables=model.init(jax.random.key(5), data[0][:16]))
 logs = distributed.vmap_sharded(lambda p, h: spectra.log_singular_values(_step, p, h), (params, h0))
 told = distributed.broadcast_json({{"from": jax.process_index()}})
 np.savez({out!r} + f"/process{{jax.process_index()}}.npz", loss=res.epochs["loss"], logs=logs,
-         head=res.params["head"]["kernel"], told=told["from"])
+         head=res.params["head"]["kernel"], told=told["from"], given=given.epochs["loss"])
 print("OK", flush=True)
 """
 
 
 @pytest.mark.slow
 def test_two_processes_give_what_one_process_gives(tmp_path):
-    """2 processes x 2 CPU devices (gloo collectives over loopback) run a 5-run sweep and a
-    6-seed batch of spectra sharded over all 4 devices; every process gets every result, equal to
+    """2 processes x 2 CPU devices (gloo collectives over loopback) run a 5-run sweep (from its
+    seeds' initializations and from given variables) and a 6-seed batch of spectra sharded over all 4 devices; every process gets every result, equal to
     this process's unsharded run to rounding, and the spectra equal a float64 brute force."""
     code = textwrap.dedent(_WORKER).format(tests=os.path.dirname(__file__), out=str(tmp_path))
     with distributed.local_processes(
@@ -107,9 +108,12 @@ def test_two_processes_give_what_one_process_gives(tmp_path):
     one = sweep(model, cfg, data, hp, shard=False)
     assert got[0]["loss"].shape == (5, 2)
     assert not np.allclose(one.epochs["loss"][0], one.epochs["loss"][1])  # the seeds differ
+    variables = model.init(jax.random.key(5), data[0][:16])  # replicated over the processes' devices
+    given = sweep(model, cfg, data, hp, init_variables=variables, shard=False).epochs["loss"]
     alone = jax.vmap(lambda p, h: spectra.log_singular_values(_step, p, h))(params, jnp.asarray(h0))
     for g in got:
         np.testing.assert_allclose(g["loss"], one.epochs["loss"], rtol=1e-5)
+        np.testing.assert_allclose(g["given"], given, rtol=1e-5)
         np.testing.assert_allclose(g["head"], one.params["head"]["kernel"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(g["logs"], np.asarray(alone), rtol=1e-5, atol=1e-5)
     # the oracle: J_l = prod diag(1 - h_k^2) W_k, in float64, by numpy's SVD
@@ -162,3 +166,21 @@ def test_a_dead_process_ends_the_others_and_a_rerun_resumes_from_the_records(tmp
     after = results.read_text()
     assert after.startswith(kept)  # the dead run's row is kept as written, not measured again
     assert sorted(json.loads(line)["name"] for line in after.splitlines()) == sorted(names)
+
+
+def test_the_cli_refuses_bad_host_flags_before_any_work(tmp_path, capsys, monkeypatch):
+    from gradflow import cli
+
+    for k in distributed.ENV:
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "never"
+    for flags, match in [
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "host:port"),
+        (["--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "5"], "0..1"),
+        (["--num-processes", "2"], "need a coordinator"),
+    ]:
+        for command in ("sweep", "atlas"):
+            with pytest.raises(SystemExit) as e:
+                cli.main([command, *flags, "--out", str(out)])
+            assert e.value.code == 2 and match in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was made

@@ -1,5 +1,9 @@
 """Running the atlas: every group measured (compiles in a small thread pool), each row and array
-written to the run store as it is produced, a rerun skipping what is already there."""
+written to the run store as it is produced, a rerun skipping what is already there.
+
+On several processes (`gradflow.distributed`) every process measures every group, in one order
+(one worker), each group's runs and spectra sharded over all their devices; process 0 alone
+opens the store and writes, and tells the others which rows are done."""
 
 from __future__ import annotations
 
