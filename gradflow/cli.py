@@ -107,7 +107,13 @@ class Sweep:
     """multipliers of the blocks' kernels after initialization."""
     clip_value: tuple[float, ...] = (1.0,)
     """clipping thresholds (used when --train.optim.clip is set)."""
+    runs_per_call: int | None = None
+    """train the grid in compiled calls of this many runs (one compile serves them all), each
+    call's records kept in --out as it ends, so a rerun after a crash or a dead host trains only
+    the calls not yet kept; default: the whole grid in one call."""
     out: str = "runs/sweep"
+    fresh: bool = False
+    """start over: discard the calls kept in --out (another grid's are discarded anyway)."""
     hosts: Annotated[Hosts, Flat] = Hosts()
 
 
@@ -324,34 +330,56 @@ def run_sweep(cmd: Sweep) -> int:
 
     from gradflow import distributed, plots, train
 
+    if cmd.runs_per_call is not None and cmd.runs_per_call < 1:
+        raise ValueError(f"--runs-per-call must be >= 1, got {cmd.runs_per_call}")
     _writable(cmd.out)
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
     model = dataclasses.replace(cmd.model, num_outputs=1 if task == "regression" else ds.num_classes).build()
     cfg = dataclasses.replace(cmd.train, task=task)
     hp = train.grid(cfg, seeds=cmd.seeds, lr=cmd.lr, weight_scale=cmd.weight_scale, clip_value=cmd.clip_value)
+    S = len(hp.seed)
+    per_call = min(cmd.runs_per_call or S, S)
+    calls = [(i, min(i + per_call, S)) for i in range(0, S, per_call)]
+    config = {k: v for k, v in dataclasses.asdict(cmd).items() if k not in ("out", "fresh", "hosts")}
+    runs = distributed.writer_store(cmd.out, config, "calls", on_mismatch="restart", fresh=cmd.fresh)
+    done = {r["call"] for r in runs.done}
+    arrays = (ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     t0 = time.perf_counter()
-    res = train.sweep(model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), hp)
+    try:
+        for k, (lo, hi) in enumerate(calls):
+            if k in done:
+                continue
+            # the last call padded to the others' size (its last run repeated): no second compile
+            idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
+            res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
+            runs.save_arrays(f"call{k}", **{key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()})
+            runs.append("calls", {"call": k, "runs": [lo, hi], "seconds": time.perf_counter() - t0})
+    finally:
+        runs.close()
     seconds = time.perf_counter() - t0
+    trained = sum(hi - lo for k, (lo, hi) in enumerate(calls) if k not in done)
     if not distributed.is_writer():
-        print(
-            f"process {jax.process_index()}: {len(res.hparams.seed)} runs in {seconds:.1f} s; process 0 writes {cmd.out}"
-        )
+        print(f"process {jax.process_index()}: {trained} runs in {seconds:.1f} s; process 0 writes {cmd.out}")
         return 0
     out = pathlib.Path(cmd.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "epochs.npz", **{k: np.asarray(v) for k, v in res.epochs.items()})
-    runs = _sweep_rows(res, cfg.task)
-    (out / "results.json").write_text(json.dumps({"seconds": seconds, "runs": runs}, indent=2))
-    _write_csv(out / "results.csv", runs)
-    grads = np.asarray(res.epochs["grad_norm"]) if "grad_norm" in res.epochs else None
+    kept = [np.load(out / "arrays" / f"call{k}.npz") for k in range(len(calls))]
+    epochs = {key: np.concatenate([z[key] for z in kept]) for key in kept[0].files}
+    np.savez_compressed(out / "epochs.npz", **epochs)
+    rows = _sweep_rows(hp, epochs, cfg.task)
+    (out / "results.json").write_text(json.dumps({"seconds": seconds, "runs": rows}, indent=2))
+    _write_csv(out / "results.csv", rows)
+    grads = epochs.get("grad_norm")
     curves = {  # each row's own run (the rows are sorted best first)
         f"lr={r['lr']:g} scale={r['weight_scale']:g} seed={r['seed']}": grads[r["run"], 0]
-        for r in runs
+        for r in rows
         if grads is not None
     }
     plots.grad_norm_profiles(curves, out / "grad_norms.png", title="per-layer gradient norms, first epoch")
-    _print_sweep_table(runs, cfg)
-    print(f"{len(runs)} runs in {seconds:.1f} s; wrote {out}/results.csv, results.json, epochs.npz")
+    _print_sweep_table(rows, cfg)
+    reused = f" ({S - trained} kept from an earlier run)" if trained < S else ""
+    print(
+        f"{S} runs{reused}: {trained} trained in {seconds:.1f} s; wrote {out}/results.csv, results.json, epochs.npz"
+    )
     return 0
 
 
@@ -363,22 +391,22 @@ def _given(v: object) -> float:
     return float(str(np.float32(v)))
 
 
-def _sweep_rows(res, task: str) -> list[dict]:
+def _sweep_rows(hp, epochs: dict, task: str) -> list[dict]:
     """One row per run, the best first: its index in the sweep (the run axis of `epochs.npz`),
     hparams as given, final-epoch loss and accuracies, the first/last-layer gradient ratio of
     epoch 1, and whether the run hit a NaN/Inf. Best: highest final test accuracy
     (classification) or lowest final test loss; diverged runs last."""
     import numpy as np
 
-    ep = {k: np.asarray(v) for k, v in res.epochs.items()}
+    ep = {k: np.asarray(v) for k, v in epochs.items()}
     rows = []
-    for i in range(len(res.hparams.seed)):
+    for i in range(len(hp.seed)):
         row = {
             "run": i,
-            "seed": int(res.hparams.seed[i]),
-            "lr": _given(res.hparams.lr[i]),
-            "weight_scale": _given(res.hparams.weight_scale[i]),
-            "clip_value": _given(res.hparams.clip_value[i]),
+            "seed": int(hp.seed[i]),
+            "lr": _given(hp.lr[i]),
+            "weight_scale": _given(hp.weight_scale[i]),
+            "clip_value": _given(hp.clip_value[i]),
         }
         for k in ("loss", "accuracy", "test_loss", "test_accuracy"):
             if k in ep:

@@ -31,13 +31,14 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gradflow import store
 from gradflow._checks import check_int
 
 AXIS = "batch"  # the mesh axis of the batched (vmapped) dimension
@@ -136,6 +137,44 @@ def broadcast_json(obj: Any) -> Any:
     buf = np.zeros(size, np.uint8)
     buf[: mine.size] = mine
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+
+
+class WriterStore(NamedTuple):
+    """A run store as one process of a run sees it: process 0 holds the `store.RunStore`
+    (`runs`) and writes; on the others `runs` is None and writing does nothing. `done`: the
+    records of the log named at opening, the same on every process."""
+
+    runs: store.RunStore | None
+    done: list[dict]
+
+    def append(self, name: str, record: dict) -> None:
+        if self.runs is not None:
+            self.runs.append(name, record)
+
+    def save_arrays(self, name: str, **arrays: Any) -> None:
+        if self.runs is not None:
+            self.runs.save_arrays(name, **arrays)
+
+    def close(self) -> None:
+        if self.runs is not None:
+            self.runs.close()
+
+
+def writer_store(run_dir: Any, config: dict, log: str, **kwargs: Any) -> WriterStore:
+    """Open the run store `run_dir` on process 0 (`store.RunStore(run_dir, config, **kwargs)`)
+    and tell every process the records of its log `log` (what is already done), by
+    `broadcast_json`; a refusal (another config, another writer) is raised on every process."""
+    runs, told = None, None
+    if is_writer():
+        try:
+            runs = store.RunStore(run_dir, config, **kwargs)
+            told = {"records": runs.records(log)}
+        except ValueError as e:
+            told = {"error": str(e)}
+    told = broadcast_json(told)
+    if "error" in told:
+        raise ValueError(told["error"])
+    return WriterStore(runs, told["records"])
 
 
 def mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

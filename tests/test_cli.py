@@ -231,3 +231,38 @@ def test_sweep_prints_a_best_first_table_and_writes_the_same_rows(tmp_path, caps
     assert acc == sorted(acc, reverse=True) and [r["best"] for r in runs] == [True, False, False, False]
     best = next(line for line in text.splitlines() if "*" in line)  # the marked row is the best run
     assert f"{runs[0]['lr']:g}" in best and "ok" in best and "9.99999" not in text
+
+
+def test_sweep_in_calls_keeps_each_call_and_a_rerun_trains_only_the_missing_ones(tmp_path, capsys):
+    """4 runs in calls of 3 (the last padded): the same records as one call; after a crash that
+    lost call 1, a rerun keeps call 0 as written (here marked by a sentinel) and trains call 1."""
+    argv = ["sweep", "--model.depth", "2", "--model.width", "8", "--num-samples", "200"]
+    argv += ["--train.epochs", "1", "--seeds", "0", "1", "--lr", "1e-4", "3e-3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = np.load(tmp_path / "one" / "epochs.npz")
+    out = tmp_path / "calls"
+    chunked = [*argv, "--runs-per-call", "3", "--out", str(out)]
+    assert cli.main(chunked) == 0
+    two = np.load(out / "epochs.npz")
+    assert two["loss"].shape == (4, 1)
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    calls = (out / "calls.jsonl").read_text().splitlines()
+    assert [json.loads(c)["runs"] for c in calls] == [[0, 3], [3, 4]]
+    # a crash after call 0: call 1's record and arrays are lost; call 0's loss marked
+    (out / "calls.jsonl").write_text(calls[0] + "\n")
+    (out / "arrays" / "call1.npz").unlink()
+    z = dict(np.load(out / "arrays" / "call0.npz"))
+    z["loss"] = np.full_like(z["loss"], 7.0)
+    np.savez(out / "arrays" / "call0.npz", **z)
+    capsys.readouterr()
+    assert cli.main(chunked) == 0
+    assert "4 runs (3 kept from an earlier run): 1 trained" in capsys.readouterr().out
+    again = np.load(out / "epochs.npz")
+    assert (again["loss"][:3] == 7.0).all()  # kept, not trained again
+    np.testing.assert_allclose(again["loss"][3], one["loss"][3], rtol=1e-5)
+    assert cli.main([*chunked, "--fresh"]) == 0  # --fresh trains every call again
+    np.testing.assert_allclose(np.load(out / "epochs.npz")["loss"], one["loss"], rtol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--runs-per-call", "0", "--out", str(out)])
+    assert e.value.code == 2 and "--runs-per-call must be >= 1, got 0" in capsys.readouterr().err

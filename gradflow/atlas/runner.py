@@ -12,7 +12,6 @@ import dataclasses
 import os
 import pathlib
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +90,9 @@ def run(
     if only is not None:
         only = Cases(*(list(part) for part in only))
         config["only"] = [c.name for part in only for c in part]
-    runs = _open_store(out, config, fresh)
+    runs = distributed.writer_store(
+        out, config, "results", on_mismatch="error", fresh=fresh, clear=_REPORT_FILES
+    )
     done = {row["name"]: row for row in runs.done}
 
     try:
@@ -187,42 +188,6 @@ def run(
         return rows
     finally:
         runs.close()
-
-
-class _Store(NamedTuple):
-    """The run store as one process sees it: process 0 writes (`runs`), the others (runs None)
-    only learn what is already done."""
-
-    runs: store.RunStore | None
-    done: list[dict]
-
-    def append(self, name: str, record: dict) -> None:
-        if self.runs is not None:
-            self.runs.append(name, record)
-
-    def save_arrays(self, name: str, **arrays) -> None:
-        if self.runs is not None:
-            self.runs.save_arrays(name, **arrays)
-
-    def close(self) -> None:
-        if self.runs is not None:
-            self.runs.close()
-
-
-def _open_store(out: str | pathlib.Path, config: dict, fresh: bool) -> _Store:
-    """Process 0 opens the store; every process gets its finished rows (or its refusal, raised
-    on every process alike) by `distributed.broadcast_json`."""
-    runs, told = None, None
-    if distributed.is_writer():
-        try:
-            runs = store.RunStore(out, config, on_mismatch="error", fresh=fresh, clear=_REPORT_FILES)
-            told = {"rows": runs.records("results")}
-        except ValueError as e:
-            told = {"error": str(e)}
-    told = distributed.broadcast_json(told)
-    if "error" in told:
-        raise ValueError(told["error"])
-    return _Store(runs, told["rows"])
 
 
 def load_rows(out: str | pathlib.Path) -> list[dict]:
