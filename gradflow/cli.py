@@ -28,6 +28,7 @@ from gradflow.train.state import TrainConfig
 Flat = tyro.conf.OmitArgPrefixes
 DATASETS = ("mnist1d", "digits", "adding")
 INPUTS = ("mnist1d", "random")
+_SWEEP_FILES = ("results.json", "results.csv", "epochs.npz", "grad_norms.png")  # of a finished sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,16 +225,19 @@ def _writable(out: str) -> None:
     by the process that writes them: process 0 of a multi-process run)."""
     from gradflow import distributed
 
-    if not distributed.is_writer():
-        return
-    path = pathlib.Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".gradflow-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {out!r} cannot take the results: {e.strerror or e}") from None
+    error = None
+    if distributed.is_writer():
+        path = pathlib.Path(out)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".gradflow-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            error = f"--out {out!r} cannot take the results: {e.strerror or e}"
+    error = distributed.broadcast_json(error)  # every process stops alike, naming the reason
+    if error is not None:
+        raise ValueError(error)
 
 
 def run_spectra(cmd: Spectra) -> int:
@@ -328,7 +332,7 @@ def run_sweep(cmd: Sweep) -> int:
     import jax
     import numpy as np
 
-    from gradflow import distributed, plots, train
+    from gradflow import distributed, plots, store, train
 
     if cmd.runs_per_call is not None and cmd.runs_per_call < 1:
         raise ValueError(f"--runs-per-call must be >= 1, got {cmd.runs_per_call}")
@@ -340,10 +344,14 @@ def run_sweep(cmd: Sweep) -> int:
     S = len(hp.seed)
     per_call = min(cmd.runs_per_call or S, S)
     calls = [(i, min(i + per_call, S)) for i in range(0, S, per_call)]
-    config = {k: v for k, v in dataclasses.asdict(cmd).items() if k not in ("out", "fresh", "hosts")}
-    runs = distributed.writer_store(cmd.out, config, "calls", on_mismatch="restart", fresh=cmd.fresh)
-    done = {r["call"] for r in runs.done}
+    train.check_hparams(hp, cfg)  # the whole grid, before the first call trains
     arrays = (ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+    config = {k: v for k, v in dataclasses.asdict(cmd).items() if k not in ("out", "fresh", "hosts")}
+    config = {"command": "sweep", **config, "data": store.fingerprint(arrays)}
+    runs = distributed.writer_store(
+        cmd.out, config, "calls", on_mismatch="error", fresh=cmd.fresh, clear=_SWEEP_FILES
+    )
+    done = {r["call"] for r in runs.done}
     t0 = time.perf_counter()
     try:
         for k, (lo, hi) in enumerate(calls):
@@ -353,7 +361,8 @@ def run_sweep(cmd: Sweep) -> int:
             idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
             res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
             runs.save_arrays(f"call{k}", **{key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()})
-            runs.append("calls", {"call": k, "runs": [lo, hi], "seconds": time.perf_counter() - t0})
+            record = {"call": k, "runs": [lo, hi], "devices": res.num_devices}
+            runs.append("calls", {**record, "seconds": time.perf_counter() - t0})
     finally:
         runs.close()
     seconds = time.perf_counter() - t0
@@ -362,11 +371,15 @@ def run_sweep(cmd: Sweep) -> int:
         print(f"process {jax.process_index()}: {trained} runs in {seconds:.1f} s; process 0 writes {cmd.out}")
         return 0
     out = pathlib.Path(cmd.out)
-    kept = [np.load(out / "arrays" / f"call{k}.npz") for k in range(len(calls))]
-    epochs = {key: np.concatenate([z[key] for z in kept]) for key in kept[0].files}
+    kept = []
+    for k in range(len(calls)):
+        with np.load(out / "arrays" / f"call{k}.npz") as z:
+            kept.append({key: z[key] for key in z.files})
+    epochs = {key: np.concatenate([z[key] for z in kept]) for key in kept[0]}
     np.savez_compressed(out / "epochs.npz", **epochs)
     rows = _sweep_rows(hp, epochs, cfg.task)
-    (out / "results.json").write_text(json.dumps({"seconds": seconds, "runs": rows}, indent=2))
+    summary = {"seconds": seconds, "trained": trained, "runs": rows}  # seconds: this invocation's
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
     _write_csv(out / "results.csv", rows)
     grads = epochs.get("grad_norm")
     curves = {  # each row's own run (the rows are sorted best first)

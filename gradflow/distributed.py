@@ -26,6 +26,7 @@ tests, `experiments/multihost.py` and `experiments/bench/bench_multihost.py` try
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -58,8 +59,11 @@ def _settings(
         if num_processes is not None or process_id is not None:
             raise ValueError("num_processes and process_id need a coordinator address (host:port, or 'auto')")
         return None, None, None
-    if coordinator == "auto":
-        return coordinator, None, None
+    if coordinator == "auto":  # the cluster says; what is given anyway is passed on, checked
+        for name, given in (("num_processes", num_processes), ("process_id", process_id)):
+            if given is not None:
+                check_int(name, given, 1 if name == "num_processes" else 0)
+        return coordinator, num_processes, process_id
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"coordinator must be host:port (port 1..65535) or 'auto', got {coordinator!r}")
@@ -108,6 +112,8 @@ def initialize(
     coordinator, num_processes, process_id = _settings(coordinator, num_processes, process_id)
     if coordinator is None:
         return False
+    if jax.distributed.is_initialized():  # joined already (a script that then calls the CLI)
+        return True
     check_int("heartbeat_timeout_s", heartbeat_timeout_s, 1)
     check_int("initialization_timeout_s", initialization_timeout_s, 1)
     kwargs: dict[str, Any] = {
@@ -115,7 +121,10 @@ def initialize(
         "initialization_timeout": initialization_timeout_s,
     }
     if coordinator != "auto":
-        kwargs.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        kwargs["coordinator_address"] = coordinator
+    kwargs.update(
+        {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id)) if v is not None}
+    )
     jax.distributed.initialize(**kwargs)
     return True
 
@@ -160,16 +169,36 @@ class WriterStore(NamedTuple):
             self.runs.close()
 
 
+def same_everywhere(what: str, obj: Any) -> None:
+    """Raise a ValueError on every process unless every process holds the same JSON-able `obj`
+    (e.g. its command's config: processes started with different flags would otherwise run
+    mismatched programs or write one grid's results under another's name)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))  # (processes, 32)
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(
+            f"processes {differ} were given another {what} than process 0: start every process "
+            "with the same command (only the host flags differ)"
+        )
+
+
 def writer_store(run_dir: Any, config: dict, log: str, **kwargs: Any) -> WriterStore:
     """Open the run store `run_dir` on process 0 (`store.RunStore(run_dir, config, **kwargs)`)
     and tell every process the records of its log `log` (what is already done), by
-    `broadcast_json`; a refusal (another config, another writer) is raised on every process."""
+    `broadcast_json`. Every process must pass the same `config` (checked); a refusal (another
+    config stored, another writer, an unreadable directory) is raised on every process alike."""
+    same_everywhere("config", config)
     runs, told = None, None
     if is_writer():
         try:
             runs = store.RunStore(run_dir, config, **kwargs)
             told = {"records": runs.records(log)}
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             told = {"error": str(e)}
     told = broadcast_json(told)
     if "error" in told:

@@ -5,7 +5,8 @@ so that a crash or a second writer loses no finished result and a rerun never ha
 another run's:
 
 - `config.json` names the run. A directory holding another config is refused
-  (`on_mismatch="error"`, the trainer) or started over (`"restart"`, the atlas), never mixed.
+  (`on_mismatch="error"`: the trainer, the sweep and the atlas, whose `--fresh` starts over) or
+  started over (`"restart"`), never mixed.
 - `<name>.jsonl` logs are append-only, one record per line, flushed and fsync'ed as each record
   is written. A last line torn by a crash mid-write is dropped with a warning when the log is
   read (the writer cuts the file back to its last complete record), so the next run redoes that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -63,6 +64,19 @@ def _step(p, h):
     return jnp.tanh(p["w"] @ h)
 
 
+_CLI_SWEEP = [
+    "sweep",
+    "--model.depth",
+    "2",
+    "--model.width",
+    "8",
+    "--num-samples",
+    "200",
+    "--train.epochs",
+    "1",
+]
+_CLI_SWEEP += ["--seeds", "0", "1", "2", "--lr", "1e-3", "3e-3", "--runs-per-call", "4"]
+
 _WORKER = """
 import sys
 import numpy as np
@@ -80,6 +94,8 @@ assert res.num_devices == 4
 given = sweep(model, cfg, data, hp, init_variables=model.init(jax.random.key(5), data[0][:16]))
 logs = distributed.vmap_sharded(lambda p, h: spectra.log_singular_values(_step, p, h), (params, h0))
 told = distributed.broadcast_json({{"from": jax.process_index()}})
+from gradflow import cli
+assert cli.main({sweep!r} + ["--out", {out!r} + "/sweep"]) == 0  # process 0 writes, in 2 calls
 np.savez({out!r} + f"/process{{jax.process_index()}}.npz", loss=res.epochs["loss"], logs=logs,
          head=res.params["head"]["kernel"], told=told["from"], given=given.epochs["loss"])
 print("OK", flush=True)
@@ -91,7 +107,9 @@ def test_two_processes_give_what_one_process_gives(tmp_path):
     """2 processes x 2 CPU devices (gloo collectives over loopback) run a 5-run sweep (from its
     seeds' initializations and from given variables) and a 6-seed batch of spectra sharded over all 4 devices; every process gets every result, equal to
     this process's unsharded run to rounding, and the spectra equal a float64 brute force."""
-    code = textwrap.dedent(_WORKER).format(tests=os.path.dirname(__file__), out=str(tmp_path))
+    code = textwrap.dedent(_WORKER).format(
+        tests=os.path.dirname(__file__), out=str(tmp_path), sweep=_CLI_SWEEP
+    )
     with distributed.local_processes(
         [sys.executable, "-c", code], 2, devices_per_process=2, stdout=tmp_path
     ) as ps:
@@ -100,6 +118,18 @@ def test_two_processes_give_what_one_process_gives(tmp_path):
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     got = [np.load(tmp_path / f"process{i}.npz") for i in range(2)]
     assert int(got[0]["told"]) == int(got[1]["told"]) == 0  # broadcast_json: process 0's object
+    # gradflow sweep: 6 runs in 2 calls of 4 over the 4 devices, written by process 0 alone, the
+    # records those of one process
+    from gradflow import cli
+
+    assert "process 1: 6 runs in" in logs[1] and "process 0 writes" in logs[1]
+    calls = [json.loads(line) for line in (tmp_path / "sweep" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["runs"], c["devices"]) for c in calls] == [([0, 4], 4), ([4, 6], 4)]
+    assert cli.main([*_CLI_SWEEP, "--out", str(tmp_path / "sweep1")]) == 0
+    many, one = np.load(tmp_path / "sweep" / "epochs.npz"), np.load(tmp_path / "sweep1" / "epochs.npz")
+    assert many["loss"].shape == (6, 1)
+    for k in one.files:
+        np.testing.assert_allclose(many[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
     from gradflow import spectra
     from gradflow.train import sweep
@@ -184,3 +214,27 @@ def test_the_cli_refuses_bad_host_flags_before_any_work(tmp_path, capsys, monkey
                 cli.main([command, *flags, "--out", str(out)])
             assert e.value.code == 2 and match in capsys.readouterr().err
     assert not out.exists()  # refused before anything was made
+
+
+@pytest.mark.slow
+def test_processes_started_with_other_flags_all_stop_naming_them(tmp_path):
+    """Process 1 is given other seeds than process 0: both exit with 2 before training, saying
+    which process differs, and nothing is written."""
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-c", _DIFFERENT_FLAGS.format(out=str(out))]
+    with distributed.local_processes(argv, 2, stdout=tmp_path) as ps:
+        codes = [p.wait(timeout=120) for p in ps]
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [2, 2], logs
+    for log in logs:
+        assert "processes [1] were given another config than process 0" in log, log[-2000:]
+    assert not (out / "calls.jsonl").exists()
+
+
+_DIFFERENT_FLAGS = """
+import os
+from gradflow import cli
+seeds = ["0", "1"] if os.environ["GRADFLOW_PROCESS_ID"] == "0" else ["0", "2"]
+argv = ["sweep", "--model.depth", "2", "--model.width", "8", "--num-samples", "200", "--seeds", *seeds]
+raise SystemExit(cli.main([*argv, "--out", {out!r}]))
+"""

@@ -3,12 +3,14 @@
 The same `train.sweep` (8 learning rates x 8 seeds of a tanh MLP on scikit-learn's digits) runs
 on 8 CPU devices laid out as 1, 2 or 4 processes on this machine (`distributed.local_processes`:
 loopback, gloo collectives). Each process times its sweep call (first call: compile and run;
-steady: best of `--repeats` later calls), and, apart, the communication a sweep does: the
-runs are independent, so nothing crosses processes while they train; what does is the results'
-gather at the end (`distributed.gather`, an all-gather to every process of the trained params
-and per-epoch records), timed on global arrays of the same shapes. It prints the slowest
-process's figures per layout, their ratio to 1 x 8, and whether every layout's losses equal
-1 x 8's (they must, to rounding).
+steady: best of `--repeats` later calls), and, apart, the communication a sweep does: every
+training step all-reduces two scalars over the run axis (the shared recording step, and whether
+any run went non-finite, so that the trainer's `lax.cond`s stay real branches under vmap),
+timed as 100 scalar all-reduces in one call; and at the end the results' all-gather to every
+process (`distributed.gather`: the trained params and per-epoch records), timed on global
+arrays of the same shapes. It prints the slowest process's figures per layout, their ratio to
+1 x 8, and the largest relative difference of every layout's losses from 1 x 8's (0: the same
+SPMD program).
 
     python experiments/bench/bench_multihost.py [--layouts 1x8 2x4 4x2] [--depth 8] [--width 32]
         [--epochs 3] [--repeats 3]
@@ -70,7 +72,31 @@ def worker(args: argparse.Namespace) -> None:
         distributed.gather(on_mesh)
         gather = min(gather, time.perf_counter() - t0)
     nbytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(results))
-    record = dict(first=first, steady=steady, gather=gather, bytes=nbytes, devices=res.num_devices)
+    # every training step all-reduces scalars over the run axis (the shared recording step and
+    # whether any run went non-finite, so that lax.cond stays a real branch): time 100 of them
+    from jax import lax
+
+    def reduces(c):
+        return lax.fori_loop(0, 100, lambda i, c: c + lax.psum(c * 0 + 1.0, "runs"), c)
+
+    fn = jax.jit(jax.vmap(reduces, axis_name="runs"))
+    c = distributed.put(np.zeros(64, np.float32), m, batched=True)
+    jax.block_until_ready(fn(c))
+    allreduce = np.inf
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(c))
+        allreduce = min(allreduce, (time.perf_counter() - t0) / 100)
+    steps = int(res.epochs["steps"][0].sum())
+    record = dict(
+        first=first,
+        steady=steady,
+        gather=gather,
+        allreduce=allreduce,
+        steps=steps,
+        bytes=nbytes,
+        devices=res.num_devices,
+    )
     i = jax.process_index()
     pathlib.Path(args.worker, f"times{i}.json").write_text(json.dumps(record))
     if i == 0:
@@ -94,19 +120,24 @@ def main(args: argparse.Namespace) -> None:
             times = [json.loads(pathlib.Path(tmp, f"times{i}.json").read_text()) for i in range(procs)]
             loss = np.load(pathlib.Path(tmp, "loss.npy"))
         reference = loss if reference is None else reference
-        worst = {k: max(t[k] for t in times) for k in ("first", "steady", "gather")}
+        worst = {k: max(t[k] for t in times) for k in ("first", "steady", "gather", "allreduce")}
         same = float(np.max(np.abs(loss - reference) / np.maximum(np.abs(reference), 1e-6)))
         rows.append((layout, times[0]["devices"], worst, times[0]["bytes"], same))
     base = rows[0][2]
-    print(f"64-configuration sweep, depth {args.depth} width {args.width}, {args.epochs} epochs of digits")
+    steps = times[0]["steps"]
+    print(
+        f"64-configuration sweep, depth {args.depth} width {args.width}, {args.epochs} epochs of digits "
+        f"({steps} steps, each with 2 scalar all-reduces over the run axis)"
+    )
     print(
         f"{'layout':>7} {'devices':>7} {'first s':>8} {'steady s':>9} {'x ' + rows[0][0]:>7} "
-        f"{'gather ms':>10} {'MB':>6} {'max rel diff':>13}"
+        f"{'gather ms':>10} {'MB':>6} {'all-reduce ms':>14} {'x 2 x steps s':>14} {'max rel diff':>13}"
     )
     for layout, devices, t, nbytes, same in rows:
         print(
             f"{layout:>7} {devices:>7} {t['first']:8.2f} {t['steady']:9.3f} {t['steady'] / base['steady']:7.2f} "
-            f"{1e3 * t['gather']:10.2f} {nbytes / 1e6:6.2f} {same:13.1e}"
+            f"{1e3 * t['gather']:10.2f} {nbytes / 1e6:6.2f} {1e3 * t['allreduce']:14.3f} "
+            f"{2 * steps * t['allreduce']:14.3f} {same:13.1e}"
         )
 
 

@@ -21,6 +21,7 @@ from gradflow.train.step import task_loss as task_loss
 from gradflow.train.sweep import Hparams as Hparams
 from gradflow.train.sweep import SweepPoint as SweepPoint
 from gradflow.train.sweep import SweepResult as SweepResult
+from gradflow.train.sweep import check_hparams as check_hparams
 from gradflow.train.sweep import grid as grid
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points
@@ -47,6 +48,7 @@ __all__ = [
     "Hparams",
     "SweepPoint",
     "SweepResult",
+    "check_hparams",
     "grid",
     "sweep",
     "sweep_points",

@@ -207,6 +207,24 @@ def _compiled_run(
     return jax.jit(vrun, out_shardings=sharding, compiler_options=options)
 
 
+def check_hparams(hp: Hparams, cfg: TrainConfig) -> None:
+    """Raise a ValueError naming the first bad field of `hp` (lr finite and > 0, weight_scale
+    finite, seeds integers >= 0, clip_value > 0 when clipping), before anything trains."""
+    rules = {  # name: (values, which are fine, what is required)
+        "lr": (hp.lr, lambda a: np.isfinite(a) & (a > 0), "finite and > 0"),
+        "weight_scale": (hp.weight_scale, np.isfinite, "finite"),
+        "seed": (np.asarray(hp.seed), lambda a: (a >= 0) & (a == np.round(a)), "integers >= 0"),
+    }
+    if cfg.optim.clip is not None:
+        # inf is a threshold too: no clipping (the unclipped arm of a clipping sweep)
+        rules["clip_value"] = (hp.clip_value, lambda a: a > 0, "> 0 (inf: no clipping)")
+    for name, (values, ok, required) in rules.items():
+        values = np.asarray(values)
+        bad = values[~ok(values)]
+        if bad.size:
+            raise ValueError(f"hparams.{name} must be {required}, got {bad.tolist()}")
+
+
 def sweep(
     model: nn.Module,
     cfg: TrainConfig,
@@ -245,19 +263,7 @@ def sweep(
     S = hp.seed.shape[0]
     if any(np.shape(a) != (S,) for a in hp):
         raise ValueError(f"hparams fields must all have shape (S,), got {[np.shape(a) for a in hp]}")
-    rules = {  # name: (values, which are fine, what is required)
-        "lr": (hp.lr, lambda a: np.isfinite(a) & (a > 0), "finite and > 0"),
-        "weight_scale": (hp.weight_scale, np.isfinite, "finite"),
-        "seed": (np.asarray(hparams.seed), lambda a: (a >= 0) & (a == np.round(a)), "integers >= 0"),
-    }
-    if cfg.optim.clip is not None:
-        # inf is a threshold too: no clipping (the unclipped arm of a clipping sweep)
-        rules["clip_value"] = (hp.clip_value, lambda a: a > 0, "> 0 (inf: no clipping)")
-    for name, (values, ok, required) in rules.items():
-        values = np.asarray(values)
-        bad = values[~ok(values)]
-        if bad.size:
-            raise ValueError(f"hparams.{name} must be {required}, got {bad.tolist()}")
+    check_hparams(hparams, cfg)  # as given: a seed of 1.5 is refused, not cast to 1
     check_data(model, cfg, data)
     x, y, x_test, y_test = (None if a is None else np.asarray(a) for a in data)
     variables = None
