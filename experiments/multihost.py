@@ -19,7 +19,7 @@ only, gloo collectives), as one would start one process per host with --coordina
 
 Measured on a 2-core CPU (idle): the 4-process sweep is bit for bit the 1 x 8 sweep; its spectra
 are within 2.1e-5 (relative) of one process's and 5.6e-5 of float64's; 47 s for the 4-process
-sweep against 14 s as 1 x 8 (four processes each compiling on two shared cores).
+sweep against 14 s as 1 x 8 (38 s against 12 s in a later run: four processes each compiling on two shared cores).
 
     python experiments/multihost.py [--processes 4] [--devices-per-process 2] [--out runs/multihost]
         [--depth 16] [--epochs 3] [--nets 24] [--net-depth 32]

@@ -322,6 +322,7 @@ def _measure_net(case: NetCase, cfg: AtlasConfig, ds: data.Dataset) -> tuple[dic
                 tcfg,
                 (x_train, ds.y_train, x_test, ds.y_test),
                 hp,
+                shard=False,  # one run: on each process's own device, not copied to every device
                 init_variables=variables,
                 compiler_options=COMPILER_OPTIONS,
             )
