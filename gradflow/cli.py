@@ -352,17 +352,30 @@ def run_sweep(cmd: Sweep) -> int:
         cmd.out, config, "calls", on_mismatch="error", fresh=cmd.fresh, clear=_SWEEP_FILES
     )
     done = {r["call"] for r in runs.done}
+    if done:  # a rerun says what it skips
+        print(
+            f"{len(done)} of {len(calls)} calls already in {cmd.out}: training the other {len(calls) - len(done)}"
+        )
     t0 = time.perf_counter()
     try:
         for k, (lo, hi) in enumerate(calls):
             if k in done:
                 continue
+            started = time.perf_counter()
             # the last call padded to the others' size (its last run repeated): no second compile
             idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
             res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
             runs.save_arrays(f"call{k}", **{key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()})
             record = {"call": k, "runs": [lo, hi], "devices": res.num_devices}
             runs.append("calls", {**record, "seconds": time.perf_counter() - t0})
+            if len(calls) > 1:
+                took, left = (
+                    time.perf_counter() - started,
+                    sum(j not in done for j in range(k + 1, len(calls))),
+                )
+                # the first call compiles; the others take about as long as the one before
+                eta = f"; about {left * took:.0f} s left" if left else ""
+                print(f"call {k + 1}/{len(calls)}: runs {lo}..{hi - 1} in {took:.1f} s{eta}", flush=True)
     finally:
         runs.close()
     seconds = time.perf_counter() - t0

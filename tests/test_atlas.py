@@ -78,7 +78,7 @@ def test_numbers_match_mean_field_and_exact_identities(atlas_run):
     assert rows["attention_only-L12"]["token_residual"] < 1e-3  # tokens collapsed to one vector
 
 
-def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monkeypatch):
+def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monkeypatch, capsys):
     rows, out, cfg = atlas_run
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in lines] == list(rows)
@@ -91,8 +91,11 @@ def test_results_are_written_as_they_go_and_a_rerun_reuses_them(atlas_run, monke
 
     monkeypatch.setattr(runner, "_measure_group", boom)
     monkeypatch.setattr(runner, "_measure_recurrent", boom)
+    capsys.readouterr()
     again = atlas.run(cfg, out, progress=False, only=CASES)
     assert [r["name"] for r in again] == list(rows)
+    said = f"{len(rows)} of {len(rows)} configurations already in {out}: nothing to do"
+    assert said in capsys.readouterr().out  # a rerun says what it skips
     # another grid into the same directory is refused; the finished rows and arrays stay
     with pytest.raises(ValueError, match="another config"):
         atlas.run(dataclasses.replace(cfg, width=8), out, progress=False, only=CASES)

@@ -242,7 +242,10 @@ def test_sweep_in_calls_keeps_each_call_and_a_rerun_trains_only_the_missing_ones
     one = np.load(tmp_path / "one" / "epochs.npz")
     out = tmp_path / "calls"
     chunked = [*argv, "--runs-per-call", "3", "--out", str(out)]
+    capsys.readouterr()
     assert cli.main(chunked) == 0
+    said = capsys.readouterr().out
+    assert "call 1/2: runs 0..2 in" in said and "call 2/2: runs 3..3 in" in said  # progress per call
     two = np.load(out / "epochs.npz")
     assert two["loss"].shape == (4, 1)
     for k in one.files:
@@ -257,7 +260,8 @@ def test_sweep_in_calls_keeps_each_call_and_a_rerun_trains_only_the_missing_ones
     np.savez(out / "arrays" / "call0.npz", **z)
     capsys.readouterr()
     assert cli.main(chunked) == 0
-    assert "4 runs (3 kept from an earlier run): 1 trained" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "1 of 2 calls already in" in said and "4 runs (3 kept from an earlier run): 1 trained" in said
     again = np.load(out / "epochs.npz")
     assert (again["loss"][:3] == 7.0).all()  # kept, not trained again
     np.testing.assert_allclose(again["loss"][3], one["loss"][3], rtol=1e-5)

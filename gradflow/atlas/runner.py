@@ -84,7 +84,7 @@ def run(
     A group that raises is handled the same way: the finished groups are written and its error
     is raised at once, with a note naming the group's configurations.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     config = dataclasses.asdict(cfg)
     if only is not None:
@@ -112,10 +112,18 @@ def run(
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             disable=not progress,
         )
+        names = [c.name for c in (*ff, *rec, *nets)]
+        kept = sum(name in done for name in names)
+        if kept:  # a rerun says what it skips
+            rest = f"measuring the other {len(names) - kept}" if kept < len(names) else "nothing to do"
+            print(f"{kept} of {len(names)} configurations already in {out}: {rest}", flush=True)
         with bar:
-            task = bar.add_task("atlas", total=len(ff) + len(rec) + len(nets))
+            first = "compiling and measuring" if kept < len(names) else "reading"
+            task = bar.add_task(f"atlas: {first}", total=len(names))
 
             def emit(row: dict) -> None:
                 rows.append(row)
@@ -177,8 +185,8 @@ def run(
                         emit(row)
                     if stop.requested:
                         keep_finished()
-                        kept = len({r["name"] for r in rows} | set(done))
-                        raise KeyboardInterrupt(f"atlas interrupted: {kept} configurations kept in {out}")
+                        n = len({r["name"] for r in rows} | set(done))
+                        raise KeyboardInterrupt(f"atlas interrupted: {n} configurations kept in {out}")
                 except Exception:
                     keep_finished()  # a group failed: raise at once, without waiting for the others
                     raise
