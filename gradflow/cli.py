@@ -87,6 +87,9 @@ class Train:
     """run directory: config.json, metrics.jsonl, checkpoints, loss.png, grad_norms.png."""
     resume: bool = True
     """continue from the last checkpoint in `out` if there is one."""
+    log: str | None = None
+    """'tensorboard': also write every epoch's record as TensorBoard events under OUT/tensorboard
+    (per-layer diagnostics as scalars and histograms; needs gradflow[tensorboard])."""
     user_model: str | None = None
     """your own linen model instead of --model.*: path/to/file.py:Name or package.module:Name; it
     must output one logit per class of --dataset."""
@@ -295,7 +298,9 @@ def run_train(cmd: Train) -> int:
     import numpy as np
 
     from gradflow import plots, train
+    from gradflow._checks import check_choice
 
+    check_choice("--log", cmd.log, (None, "tensorboard"))
     _writable(cmd.out)
     ds, task = _dataset(cmd.dataset, cmd.num_samples, cmd.model, cmd.train.seed)
     if cmd.user_model is not None:
@@ -313,7 +318,12 @@ def run_train(cmd: Train) -> int:
         ).build()
     cfg = dataclasses.replace(cmd.train, task=task)
     result = train.fit(
-        model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), run_dir=cmd.out, resume=cmd.resume
+        model,
+        cfg,
+        (ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+        run_dir=cmd.out,
+        resume=cmd.resume,
+        tensorboard=cmd.log == "tensorboard",
     )
     plots.train_run_figures(result.history, cmd.out, result.diagnostic_layers)
     if result.interrupted:

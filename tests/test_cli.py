@@ -34,6 +34,8 @@ def test_every_subcommand_has_help(sub, capsys):
             ["train", "--model.norm", "batchnorm"],
             "gradflow: error: norm must be one of (None, 'batch', 'layer'), got 'batchnorm' (did you mean 'batch'?)",
         ),
+        (["train", "--log", "tensorbord"], "--log must be one of (None, 'tensorboard'), got 'tensorbord'"),
+        (["sweep", "--runs-per-call", "0"], "--runs-per-call must be >= 1, got 0"),
         (["atlas", "--bogus"], "--bogus"),
         (["report", "/no/such/run"], "/no/such/run"),
         # an output location that cannot take the results, refused before computing them

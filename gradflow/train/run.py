@@ -250,6 +250,7 @@ def fit(
     resume: bool = True,
     progress: bool | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train `model` for `cfg.epochs` epochs (one jitted `lax.scan` per epoch).
 
@@ -265,6 +266,8 @@ def fit(
         only when stdout is a terminal.
       callback: called as callback(epoch, record) after each epoch's record and checkpoint are
         on disk (e.g. to stop a run from outside).
+      tensorboard: also write each record as TensorBoard events under `run_dir/tensorboard`
+        (`gradflow.train.tensorboard`; needs `run_dir` and tensorboardX).
 
     A first Ctrl-C (SIGINT, main thread) does not raise: the epoch in flight finishes, is
     recorded and checkpointed, and `fit` returns with `interrupted=True` (a loop over runs
@@ -274,6 +277,12 @@ def fit(
       A `TrainResult`.
     """
     check_data(model, cfg, data)
+    if tensorboard and run_dir is None:
+        raise ValueError("tensorboard=True writes under run_dir: give a run_dir")
+    if tensorboard:
+        from gradflow.train.tensorboard import _summary_writer
+
+        _summary_writer()  # a missing tensorboardX is named before anything trains
     x_train, y_train, x_test, y_test = data
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     # lr and clip_value enter as arguments (traced), as in a sweep run.
@@ -307,6 +316,11 @@ def fit(
         if restored is not None:
             state, done, last, history = restored
             start = last + 1
+    events = None
+    if tensorboard:
+        from gradflow.train.tensorboard import EventWriter
+
+        events = EventWriter(run_dir, lay.layer_names, history)  # rewritten from the records kept
     if progress is None:
         progress = sys.stdout.isatty()
     bar = _Progress(progress, cfg.epochs, start)
@@ -330,11 +344,15 @@ def fit(
                 if store is not None:
                     store.append(rec)
                     store.save(epoch, state, done)
+                if events is not None:
+                    events.write(rec)
                 bar.update(rec)
                 if callback is not None:
                     callback(epoch, rec)
         finally:
             bar.close()
+            if events is not None:
+                events.close()
             if store is not None:
                 store.close()
     interrupted = stop.requested and not done and (not history or history[-1]["epoch"] < cfg.epochs - 1)
