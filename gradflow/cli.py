@@ -400,7 +400,7 @@ def run_sweep(cmd: Sweep) -> int:
             kept.append({key: z[key] for key in z.files})
     epochs = {key: np.concatenate([z[key] for z in kept]) for key in kept[0]}
     np.savez_compressed(out / "epochs.npz", **epochs)
-    rows = _sweep_rows(hp, epochs, cfg.task)
+    rows = train.ranked_rows(hp, epochs)
     summary = {"seconds": seconds, "trained": trained, "runs": rows}  # seconds: this invocation's
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     _write_csv(out / "results.csv", rows)
@@ -417,53 +417,6 @@ def run_sweep(cmd: Sweep) -> int:
         f"{S} runs{reused}: {trained} trained in {seconds:.1f} s; wrote {out}/results.csv, results.json, epochs.npz"
     )
     return 0
-
-
-def _given(v: object) -> float:
-    """A float32 hyperparameter as the user wrote it (1e-4, not 9.999999747378752e-05): numpy's
-    shortest float32 repr, read back as a Python float."""
-    import numpy as np
-
-    return float(str(np.float32(v)))
-
-
-def _sweep_rows(hp, epochs: dict, task: str) -> list[dict]:
-    """One row per run, the best first: its index in the sweep (the run axis of `epochs.npz`),
-    hparams as given, final-epoch loss and accuracies, the first/last-layer gradient ratio of
-    epoch 1, and whether the run hit a NaN/Inf. Best: highest final test accuracy
-    (classification) or lowest final test loss; diverged runs last."""
-    import numpy as np
-
-    ep = {k: np.asarray(v) for k, v in epochs.items()}
-    rows = []
-    for i in range(len(hp.seed)):
-        row = {
-            "run": i,
-            "seed": int(hp.seed[i]),
-            "lr": _given(hp.lr[i]),
-            "weight_scale": _given(hp.weight_scale[i]),
-            "clip_value": _given(hp.clip_value[i]),
-        }
-        for k in ("loss", "accuracy", "test_loss", "test_accuracy"):
-            if k in ep:
-                row[k] = float(ep[k][i, -1])
-        if "grad_norm" in ep:
-            g = ep["grad_norm"][i, 0]
-            row["grad_first_over_last"] = float(g[0] / g[-1]) if g[-1] > 0 else float("nan")
-        row["diverged"] = bool(np.any(ep["nonfinite_step"][i] >= 0)) or not np.isfinite(row["loss"])
-        rows.append(row)
-    key = "test_accuracy" if task == "classification" and "test_accuracy" in rows[0] else "test_loss"
-    key = key if key in rows[0] else "loss"
-    sign = -1.0 if key.endswith("accuracy") else 1.0
-
-    def rank(r: dict) -> tuple:
-        v = r[key]
-        return (r["diverged"], not np.isfinite(v), sign * v if np.isfinite(v) else 0.0)
-
-    rows.sort(key=rank)
-    for j, r in enumerate(rows):
-        r["best"] = j == 0 and not r["diverged"]
-    return rows
 
 
 def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:

@@ -53,9 +53,14 @@ def layer_heatmap(
 
 
 def grad_norm_profiles(
-    curves: dict[str, np.ndarray], path: str | pathlib.Path, *, title: str = "", ylabel: str = "||dL/dW_l||"
-) -> None:
-    """One line per named run: a per-layer quantity against the layer index, log scale."""
+    curves: dict[str, np.ndarray],
+    path: str | pathlib.Path | None,
+    *,
+    title: str = "",
+    ylabel: str = "||dL/dW_l||",
+):
+    """One line per named run: a per-layer quantity against the layer index, log scale. Writes
+    the figure to `path`, or returns it when `path` is None."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, g in curves.items():
         g = np.asarray(g, np.float64)
@@ -68,8 +73,40 @@ def grad_norm_profiles(
     if curves:
         ax.legend(fontsize=7)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return None
+
+
+def _loss_axes(ax, history: Sequence[dict]) -> None:
+    epochs = [r["epoch"] + 1 for r in history]
+    ax.plot(epochs, [r["loss"] for r in history], "o-", label="train loss")
+    if "test_loss" in history[0]:
+        ax.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+
+
+def _grads(history: Sequence[dict]) -> np.ndarray | None:
+    if "grad_norm" not in history[0] or history[0]["grad_norm"] is None:
+        return None
+    return np.asarray([[np.nan if v is None else v for v in r["grad_norm"]] for r in history], np.float64)
+
+
+def train_run_figure(history: Sequence[dict], layers: Sequence[str] | None = None):
+    """The loss curve and the per-layer gradient-norm heatmap of a run's records side by side,
+    as one figure (for notebooks: `TrainResult._repr_html_`)."""
+    grads = _grads(history)
+    fig, axes = plt.subplots(1, 2 if grads is not None else 1, figsize=(11 if grads is not None else 6, 4))
+    axes = np.atleast_1d(axes)
+    _loss_axes(axes[0], history)
+    if grads is not None:
+        layer_heatmap(grads, axes[1], title="per-layer gradient norms over training", layers=layers)
+    fig.tight_layout()
+    return fig
 
 
 def train_run_figures(
@@ -81,22 +118,14 @@ def train_run_figures(
     paths = []
     if not history:
         return paths
-    epochs = [r["epoch"] + 1 for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["loss"] for r in history], "o-", label="train loss")
-    if "test_loss" in history[0]:
-        ax.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
+    _loss_axes(ax, history)
     fig.tight_layout()
     paths.append(out / "loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    if "grad_norm" in history[0] and history[0]["grad_norm"] is not None:
-        grads = np.asarray(
-            [[np.nan if v is None else v for v in r["grad_norm"]] for r in history], np.float64
-        )
+    grads = _grads(history)
+    if grads is not None:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         layer_heatmap(grads, ax, title="per-layer gradient norms over training", layers=layers)
         fig.tight_layout()

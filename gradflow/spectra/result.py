@@ -101,6 +101,27 @@ class SpectraResult:
             )
         return "\n".join(rows)
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: the summary at up to 12 depths and the figure of `plot`."""
+        from gradflow import _html
+
+        idx = np.unique(np.linspace(0, len(self.depths) - 1, min(12, len(self.depths))).astype(int))
+        head = ["depth", "layer", "width", "log smax", "log smin", "log mean s2", "log spread", "iso gap"]
+        rows = [
+            [int(self.depths[i]), self.layers[i], int(self.widths[i]) if self.widths[i] >= 0 else "?"]
+            + [
+                f"{v[i]:.3f}"
+                for v in (self.log_max, self.log_min, self.log_mean_sq, self.log_spread, self.isometry_gap)
+            ]
+            for i in idx
+        ]
+        k = self.log_singular_values.shape[1]
+        caption = (
+            f"{self.direction} Jacobian spectra, {self.method} ({k} values per layer), natural log; "
+            f"{len(self.depths)} layers"
+        )
+        return _html.table(head, rows, caption) + _html.figure(self.plot())
+
     def save(self, path: str | pathlib.Path) -> None:
         """Write to `.npz` (depths, log_singular_values, direction, layers, widths)."""
         np.savez(

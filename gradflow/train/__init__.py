@@ -23,6 +23,7 @@ from gradflow.train.sweep import SweepPoint as SweepPoint
 from gradflow.train.sweep import SweepResult as SweepResult
 from gradflow.train.sweep import check_hparams as check_hparams
 from gradflow.train.sweep import grid as grid
+from gradflow.train.sweep import ranked_rows as ranked_rows
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points
 
@@ -50,6 +51,7 @@ __all__ = [
     "SweepResult",
     "check_hparams",
     "grid",
+    "ranked_rows",
     "sweep",
     "sweep_points",
 ]

@@ -86,6 +86,37 @@ class TrainResult:
         """Steps whose update was not applied (non-finite), over the whole run."""
         return sum(r["skipped"] for r in self.history)
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: the epochs (up to 12), how the run ended, and the loss and per-layer
+        gradient-norm figure."""
+        from gradflow import _html, plots
+
+        cols = [
+            c
+            for c in ("loss", "accuracy", "test_loss", "test_accuracy")
+            if self.history and c in self.history[0]
+        ]
+        idx = np.unique(np.linspace(0, len(self.history) - 1, min(12, len(self.history))).astype(int))
+        rows = []
+        for i in idx if self.history else ():
+            r = self.history[i]
+            g = r.get("grad_norm") or []
+            ratio = f"{g[0] / g[-1]:.3g}" if len(g) > 1 and g[-1] and g[0] is not None else ""
+            rows.append([r["epoch"], *(f"{r[c]:.4g}" for c in cols), ratio, r["skipped"]])
+        if self.nonfinite is not None:
+            nf = self.nonfinite
+            end = (
+                f"non-finite {nf['kind']} at epoch {nf['epoch']}, step {nf['step']}, layer {nf['layer_name']}"
+            )
+        else:
+            end = "interrupted (a rerun resumes)" if self.interrupted else "finished"
+        test = ", ".join(f"test {k} {v:.4g}" for k, v in self.test.items())
+        caption = f"training run, {len(self.history)} epochs: {end}" + (f"; {test}" if test else "")
+        out = _html.table(["epoch", *cols, "grad layer 1 / last", "skipped"], rows, caption)
+        if self.history:
+            out += _html.figure(plots.train_run_figure(self.history, self.diagnostic_layers))
+        return out
+
 
 def _jsonable(v: Any) -> Any:
     a = np.asarray(v)
