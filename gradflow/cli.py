@@ -366,29 +366,44 @@ def run_sweep(cmd: Sweep) -> int:
         print(
             f"{len(done)} of {len(calls)} calls already in {cmd.out}: training the other {len(calls) - len(done)}"
         )
-    t0 = time.perf_counter()
-    try:
-        for k, (lo, hi) in enumerate(calls):
-            if k in done:
-                continue
-            started = time.perf_counter()
-            # the last call padded to the others' size (its last run repeated): no second compile
-            idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
-            res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
-            runs.save_arrays(f"call{k}", **{key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()})
-            record = {"call": k, "runs": [lo, hi], "devices": res.num_devices}
-            runs.append("calls", {**record, "seconds": time.perf_counter() - t0})
-            if len(calls) > 1:
-                took, left = (
-                    time.perf_counter() - started,
-                    sum(j not in done for j in range(k + 1, len(calls))),
-                )
-                # the first call compiles; the others take about as long as the one before
-                eta = f"; about {left * took:.0f} s left" if left else ""
-                print(f"call {k + 1}/{len(calls)}: runs {lo}..{hi - 1} in {took:.1f} s{eta}", flush=True)
-    finally:
-        runs.close()
+    from gradflow._interrupt import deferred_interrupt
+
+    t0, trained_calls = time.perf_counter(), []
+    # Ctrl-C stops after the call in flight, which is kept (one call is one compiled program);
+    # process 0's Ctrl-C decides for every process, so that all stop after the same call
+    with deferred_interrupt() as stop:
+        try:
+            for k, (lo, hi) in enumerate(calls):
+                if k in done:
+                    continue
+                if trained_calls and distributed.broadcast_json(stop.requested):
+                    break
+                started = time.perf_counter()
+                # the last call padded to the others' size (its last run repeated): no second compile
+                idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
+                res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
+                epochs_k = {key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()}
+                runs.save_arrays(f"call{k}", **epochs_k)
+                record = {"call": k, "runs": [lo, hi], "devices": res.num_devices}
+                runs.append("calls", {**record, "seconds": time.perf_counter() - t0})
+                trained_calls.append(k)
+                if len(calls) > 1:
+                    took = time.perf_counter() - started
+                    left = len(calls) - len(done) - len(trained_calls)
+                    # the first call compiles; the others take about as long as the one before
+                    eta = f"; about {left * took:.0f} s left" if left else ""
+                    print(f"call {k + 1}/{len(calls)}: runs {lo}..{hi - 1} in {took:.1f} s{eta}", flush=True)
+        finally:
+            runs.close()
     seconds = time.perf_counter() - t0
+    missing = [k for k in range(len(calls)) if k not in done and k not in trained_calls]
+    if missing:
+        print(
+            f"interrupted: {len(calls) - len(missing)} of {len(calls)} calls are kept in {cmd.out}; "
+            "run the same command again to train the rest",
+            file=sys.stderr,
+        )
+        return 130
     trained = sum(hi - lo for k, (lo, hi) in enumerate(calls) if k not in done)
     if not distributed.is_writer():
         print(f"process {jax.process_index()}: {trained} runs in {seconds:.1f} s; process 0 writes {cmd.out}")

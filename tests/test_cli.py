@@ -272,3 +272,33 @@ def test_sweep_in_calls_keeps_each_call_and_a_rerun_trains_only_the_missing_ones
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "--runs-per-call", "0", "--out", str(out)])
     assert e.value.code == 2 and "--runs-per-call must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_sweep_keeps_the_call_in_flight_and_the_rerun_trains_the_rest(
+    tmp_path, capsys, monkeypatch
+):
+    import os
+    import signal
+
+    from gradflow import train
+
+    argv = ["sweep", "--model.depth", "2", "--model.width", "8", "--num-samples", "200"]
+    argv += ["--train.epochs", "1", "--seeds", "0", "1", "--lr", "1e-4", "3e-3", "--runs-per-call", "2"]
+    argv += ["--out", str(tmp_path / "sweep")]
+    real = train.sweep
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the first call trains
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sweep", interrupted)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 2 calls are kept" in err and "run the same command again" in err
+    lines = (tmp_path / "sweep" / "calls.jsonl").read_text().splitlines()
+    assert [json.loads(line)["runs"] for line in lines] == [[0, 2]]
+    assert not (tmp_path / "sweep" / "epochs.npz").exists()
+    monkeypatch.setattr(train, "sweep", real)
+    assert cli.main(argv) == 0
+    assert "1 of 2 calls already in" in capsys.readouterr().out
+    assert np.load(tmp_path / "sweep" / "epochs.npz")["loss"].shape == (4, 1)
