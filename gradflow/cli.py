@@ -343,6 +343,7 @@ def run_sweep(cmd: Sweep) -> int:
     import numpy as np
 
     from gradflow import distributed, plots, store, train
+    from gradflow._interrupt import deferred_interrupt
 
     if cmd.runs_per_call is not None and cmd.runs_per_call < 1:
         raise ValueError(f"--runs-per-call must be >= 1, got {cmd.runs_per_call}")
@@ -363,10 +364,11 @@ def run_sweep(cmd: Sweep) -> int:
     )
     done = {r["call"] for r in runs.done}
     if done:  # a rerun says what it skips
+        rest = len(calls) - len(done)
         print(
-            f"{len(done)} of {len(calls)} calls already in {cmd.out}: training the other {len(calls) - len(done)}"
+            f"{len(done)} of {len(calls)} calls already in {cmd.out}: "
+            + (f"training the other {rest}" if rest else "nothing to train")
         )
-    from gradflow._interrupt import deferred_interrupt
 
     t0, trained_calls = time.perf_counter(), []
     # Ctrl-C stops after the call in flight, which is kept (one call is one compiled program);
