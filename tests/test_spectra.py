@@ -370,9 +370,9 @@ def test_model_spectra_compiles_once_per_model_and_shape():
     np.testing.assert_allclose(res.log_singular_values, ref.log_singular_values, atol=1e-5)
     # topk likewise: one program for every depth and every set of variables of these shapes
     spectra.model_spectra(model, v1, x, method="topk", k=2, depths=[1])
-    compiled = core._topk_at_depth._cache_size()
+    compiled = core._topk_path._cache_size()
     top = spectra.model_spectra(model, v2, x, method="topk", k=2, depths=[2, 3])
-    assert core._topk_at_depth._cache_size() == compiled
+    assert core._topk_path._cache_size() == compiled
     np.testing.assert_allclose(top.log_singular_values, res.log_singular_values[1:, :2], atol=1e-4)
     # and the Lyapunov exponents: new params of the same shapes, same program, their own values
     lyap = [spectra.lyapunov_exponents(linear_step, 2 * w1, jnp.zeros(3))]

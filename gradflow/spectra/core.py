@@ -31,13 +31,14 @@ ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
 (`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
 
 Method ("auto", the default): "exact" for states of at most `AUTO_EXACT_SIZE` values, else
-"topk" with k = `AUTO_K` (unless k is given) where the chain allows it; the result's `.method` says
-which ran.
+"topk" with k = `AUTO_K` (unless k is given); the result's `.method` says which ran.
 
 Method ("topk"): the same recursion on k + oversample rows (default 2k) from a random orthonormal
 block (J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through
 J_l^T J_l (vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e.
-matrix-free: memory O((k + oversample) N + L N), never N x N.
+matrix-free: memory O((k + oversample) N + L N), never N x N. On a chain whose state sizes
+change, the block has at most as many rows as the smallest state the product passes through
+(the rank bound), and a one-layer segment that changes the size is applied outside any loop.
 """
 
 from __future__ import annotations
@@ -461,9 +462,8 @@ def chain_spectra(
         bound = int(np.minimum.accumulate(sizes)[1 : int(wanted.max()) + 1].max())
     else:
         bound = int(sizes[-1])
-    topk_ok = len(c.segments) == 1 and sizes.min() == sizes.max()
     if method == "auto":
-        method = "topk" if topk_ok and int(sizes.max()) > AUTO_EXACT_SIZE else "exact"
+        method = "topk" if int(sizes.max()) > AUTO_EXACT_SIZE else "exact"
         if method == "topk" and k is None:
             k = min(AUTO_K, bound)
     if k is None:
@@ -483,14 +483,8 @@ def chain_spectra(
         logs = _exact_jit(steps, shared, params, h0, record, direction=direction, tol=tol, **bounds)
         logs = logs[wanted - 1]
     else:
-        if not topk_ok:
-            raise ValueError(
-                "method='topk' runs on chains of one segment of equal-size states (gradflow's stacks, "
-                f"a step with stacked params); this chain has {len(c.segments)} segments: use method='exact'"
-            )
         key = jax.random.key(0) if key is None else key
-        seg = c.segments[0]
-        logs = _topk(seg.step, seg.shared, seg.params, h0, wanted, direction, k, oversample, refine, key, tol)
+        logs = _topk(c, wanted, direction, k, oversample, refine, key, tol)
     return SpectraResult(
         depths=wanted,
         log_singular_values=np.asarray(logs)[:, :k],
@@ -522,51 +516,108 @@ def _layers(step3, shared, params, points, c, s, n_steps, transpose, down, tol=N
     return _jacobi.qr_step(c, s, tol=tol)  # orthonormal rows, exp(s) the singular values
 
 
-def _topk(step3, shared, params, h0, wanted, direction, k, oversample, refine, key, tol):
-    """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J."""
-    n = int(h0.size)
-    m = min(n, k + (k if oversample is None else oversample))
-    x0 = jnp.linalg.qr(jax.random.normal(key, (n, m), h0.dtype))[0].T  # (m, n) orthonormal rows
-    depth = _depth_of(params) if params is not None else 1
-    # Depths in walk order, each started from the previous one's right singular block: the
-    # input-side singular directions of a product settle as it deepens (Oseledets), so a deeper
-    # depth starts nearer its answer (tanh, N = 1024, depth 32: 8 rounds instead of 10).
-    steps = {int(l): int(l) if direction == "forward" else depth - int(l) for l in wanted}
-    logs, x = {}, x0
-    for l in sorted(steps, key=steps.get):
-        if steps[l] == 0:  # G_L = I
-            logs[l] = jnp.zeros(m, h0.dtype)
-        else:
-            logs[l], x = _topk_at_depth(
-                step3,
-                shared,
-                params,
-                h0,
-                x,
-                steps[l],
-                k=k,
-                transpose=direction == "backward",
-                refine=refine,
-                tol=tol,
+def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
+    """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J,
+    along the chain's segments (widths may change between them)."""
+    steps, shared, params = c.parts()
+    points, h = [], c.h0
+    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
+        h, pts = _states(step, sh, p, h, depth)
+        points.append(pts)
+    sizes = _state_sizes(c)
+    L = int(sizes.shape[0]) - 1
+    ends = np.cumsum([d for _, d in steps])  # layer index (1-based) of each segment's last layer
+    forward = direction == "forward"
+    dtype = c.h0.dtype
+    # Depths in walk order, each started from the previous one's block where the shapes allow:
+    # the input-side singular directions of a product settle as it deepens (Oseledets), so a
+    # deeper depth starts nearer its answer (tanh, N = 1024, depth 32: 8 rounds instead of 10).
+    order = sorted((int(l) for l in wanted), reverse=not forward)
+    logs, x = {}, None
+    for l in order:
+        if not forward and l == L:  # G_L = I
+            logs[l] = jnp.zeros(k, dtype)
+            continue
+        if forward:  # layers 1 .. l: segments 0 .. last, the last one's first n layers
+            last = int(np.searchsorted(ends, l))
+            segs, n = tuple(range(last + 1)), l - (int(ends[last - 1]) if last else 0)
+            path = sizes[: l + 1]
+        else:  # layers L .. l + 1, top down: segments from the top to the one holding l + 1
+            last = int(np.searchsorted(ends, l + 1))
+            segs, n = tuple(range(len(steps) - 1, last - 1, -1)), int(ends[last]) - l
+            path = sizes[l:]
+        m = min(int(path.min()), k + (k if oversample is None else oversample))
+        n_in = int(sizes[0] if forward else sizes[L])
+        if x is None or x.shape[0] < m:
+            x = jnp.linalg.qr(jax.random.normal(key, (n_in, m), dtype))[0].T  # (m, n_in) orthonormal
+        walk = [  # each walked segment in walk order: its steps, params and input states
+            (
+                steps[i][0],
+                shared[i],
+                params[i] if forward else _slice(params[i], None, None, True),
+                points[i] if forward else points[i][::-1],
             )
-    return jnp.stack([logs[int(l)] for l in wanted])
+            for i in segs
+        ]
+        depths = tuple(steps[i][1] for i in segs)
+        logs[l], x = _topk_path(
+            tuple(w[0] for w in walk),
+            tuple(w[1] for w in walk),
+            tuple(w[2] for w in walk),
+            tuple(w[3] for w in walk),
+            x[:m],
+            jnp.int32(n),
+            depths=depths,
+            k=k,
+            transpose=not forward,
+            refine=refine,
+            tol=tol,
+        )
+    out = [
+        jnp.concatenate([logs[int(l)][:k], jnp.full((k - min(k, logs[int(l)].shape[0]),), -jnp.inf, dtype)])
+        for l in wanted
+    ]
+    return jnp.stack(out)
 
 
-@functools.partial(jax.jit, static_argnames=("step3", "k", "transpose", "refine", "tol", "refine_tol"))
-def _topk_at_depth(step3, shared, params, h0, x0, n_steps, *, k, transpose, refine, tol, refine_tol=1e-5):
-    """Top log singular values of the n_steps-layer product, from the start block x0 (m, N).
+@functools.partial(
+    jax.jit, static_argnames=("steps", "depths", "k", "transpose", "refine", "tol", "refine_tol")
+)
+def _topk_path(
+    steps, shared, params, points, x0, n_last, *, depths, k, transpose, refine, tol, refine_tol=1e-5
+):
+    """Top log singular values of the product along one walk path, from the start block x0 (m, N).
 
-    Module-level and jitted on the step (cached like `_exact_jit`), so a new depth, input or
-    set of variables of the same shapes reuses the compiled program. Returns the m log singular
-    values, sorted descending, and the final right singular block (the start for a deeper depth).
+    The path is segments in walk order (`steps`, `shared`, `params` and input `points` of each,
+    reversed for a backward walk; `depths` theirs): every layer of all but the last and the
+    first `n_last` layers of the last. Module-level and jitted on the steps (cached like
+    `_exact_jit`), so another depth in the same last segment, input or set of variables of the
+    same shapes reuses the compiled program. Returns the m log singular values, sorted
+    descending, and the final right singular block (the start for a deeper depth).
     """
-    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
-    _, points = _states(step3, shared, params, h0, depth)
-    if transpose:
-        params, points = jax.tree.map(lambda a: a[::-1], params), points[::-1]
-    zeros = jnp.zeros(x0.shape[0], points.dtype)
-    up = lambda x: _layers(step3, shared, params, points, x, zeros, n_steps, transpose, False, tol)  # noqa: E731
-    down = lambda u: _layers(step3, shared, params, points, u, zeros, n_steps, transpose, True, tol)  # noqa: E731
+    counts = (*depths[:-1], n_last)
+    zeros = jnp.zeros(x0.shape[0], points[0].dtype)
+
+    def segment(step3, sh, p, pts, depth, n, c, s, down):
+        if depth == 1:  # one layer, whose state may change size: no loop (its carry would)
+            y = _apply_rows(step3, sh, jax.tree.map(lambda a: a[0], p), pts[0], c, transpose != down)
+            return _jacobi.qr_step(y, s, tol=tol)
+        return _layers(step3, sh, p, pts, c, s, n, transpose, down, tol)
+
+    path = list(zip(steps, shared, params, points, depths, counts, strict=True))
+
+    def up(x):
+        c, s = x, zeros
+        for piece in path:
+            c, s = segment(*piece, c, s, False)
+        return c, s
+
+    def down(u):
+        c, s = u, zeros
+        for piece in reversed(path):
+            c, s = segment(*piece, c, s, True)
+        return c, s
+
     top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
 
     def cond(state):
@@ -582,7 +633,7 @@ def _topk_at_depth(step3, shared, params, h0, x0, n_steps, *, k, transpose, refi
         return c2, s2, x, jnp.max(jnp.abs(top(s2) - top(s))), it + 1
 
     c, s = up(x0)
-    state = (c, s, x0, jnp.asarray(jnp.inf, points.dtype), 0)
+    state = (c, s, x0, jnp.asarray(jnp.inf, zeros.dtype), 0)
     _, s, x, _, _ = lax.while_loop(cond, body, state)
     return jnp.sort(s)[::-1], x
 
