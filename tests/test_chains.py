@@ -335,3 +335,45 @@ def test_stack_parts_recurrent_readout_and_a_users_chain_method():
     user = _HasChainMethod()
     vu = user.init(jax.random.key(4), x)
     assert chain(user, vu, x).layers == chain(user, vu, x, layers=WHOLE).layers == ("Dense_0", "Dense_1")
+
+
+def test_an_equinox_module_is_a_function_of_its_own_pytree():
+    """equinox needs no adapter: a module is a pytree and a callable, so `lambda m, x: m(x)` with
+    the module as params is the function adapter; `cut` markers in its __call__ are the layers."""
+    eqx = pytest.importorskip("equinox")
+
+    class MLP(eqx.Module):
+        layers: list
+
+        def __init__(self, key):
+            k = jax.random.split(key, 3)
+            self.layers = [eqx.nn.Linear(a, b, key=kk) for a, b, kk in zip((6, 8, 5), (8, 5, 3), k)]
+
+        def __call__(self, x):
+            for i, layer in enumerate(self.layers[:-1]):
+                x = cut(jnp.tanh(layer(x)), f"fc{i}")
+            return self.layers[-1](x)
+
+    m, x = MLP(jax.random.key(0)), jax.random.normal(jax.random.key(1), (6,))
+    apply = lambda mod, x: mod(x)  # noqa: E731
+    fwd = spectra.model_spectra(apply, m, x)
+    bwd = spectra.model_spectra(apply, m, x, direction="backward")
+    assert fwd.layers == bwd.layers == ("fc0", "fc1", "output") and list(fwd.widths) == [8, 5, 3]
+    with x64():
+        m64, x64_ = (
+            jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), m),
+            jnp.asarray(np.asarray(x), jnp.float64),
+        )
+        maps = [lambda h: jnp.tanh(m64.layers[0](h)), lambda h: jnp.tanh(m64.layers[1](h)), m64.layers[2]]
+        hs = [x64_]
+        for f in maps:
+            hs.append(f(hs[-1]))
+        for l in range(1, 4):
+            j_fwd = np.asarray(jax.jacfwd(lambda h, l=l: _compose(maps[:l], h))(x64_))
+            j_bwd = np.asarray(jax.jacfwd(lambda h, l=l: _compose(maps[l:], h))(hs[l]))
+            want_f, want_b = (
+                np.log(np.linalg.svd(j_fwd, compute_uv=False)),
+                np.log(np.linalg.svd(j_bwd, compute_uv=False)),
+            )
+            np.testing.assert_allclose(fwd.log_singular_values[l - 1, : want_f.size], want_f, atol=2e-5)
+            np.testing.assert_allclose(bwd.log_singular_values[l - 1, : want_b.size], want_b, atol=2e-5)
