@@ -296,6 +296,48 @@ def test_nnx_module_with_cut_markers():
     )
 
 
+def test_nnx_module_without_markers_is_cut_at_its_submodules_against_float64():
+    """No `cut` markers: the layers are the outputs of its top-level submodules' calls, a list's
+    items named "blocks.i", in call order; spectra in both directions against float64 jacfwd."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, n, rngs):
+            self.lin = nnx.Linear(n, n, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.lin(jnp.tanh(x))  # the skip stays inside the cut at the block
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Linear(4, 6, rngs=rngs)
+            self.blocks = nnx.List([Block(6, rngs) for _ in range(2)])
+            self.head = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.stem(x)
+            for b in self.blocks:
+                x = b(x)
+            return self.head(jnp.tanh(x))
+
+    net, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (4,))
+    assert chain(net, None, x).layers == ("stem", "blocks.0", "blocks.1", "head")
+    for direction in ("forward", "backward"):
+        res = spectra.model_spectra(net, None, x, direction=direction)
+        with x64():
+            graphdef, state = nnx.split(net)
+            n64 = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), state))
+            maps = [n64.stem, n64.blocks[0], n64.blocks[1], lambda h, n64=n64: n64.head(jnp.tanh(h))]
+            hs = [jnp.asarray(np.asarray(x), jnp.float64)]
+            for f in maps:
+                hs.append(f(hs[-1]))
+            for l in range(1, 5):
+                part, at = (maps[:l], hs[0]) if direction == "forward" else (maps[l:], hs[l])
+                jac = np.asarray(jax.jacfwd(lambda h, part=part: _compose(part, h))(at)).reshape(-1, at.size)
+                want = np.log(np.linalg.svd(jac, compute_uv=False))
+                np.testing.assert_allclose(res.log_singular_values[l - 1, : want.size], want, atol=2e-5)
+
+
 class _HasChainMethod(nn.Module):
     """A user's model that happens to define a method named `chain`: it is cut, not asked."""
 

@@ -149,14 +149,40 @@ class _CutLayer:
 
 @dataclasses.dataclass(frozen=True)
 class _NnxApply:
-    """An nnx module as a pure function of its state: (state, x) -> merge(graphdef, state)(x)."""
+    """An nnx module as a pure function of its state: (state, x) -> merge(graphdef, state)(x).
+
+    children: mark the output of each top-level submodule's call as a cut named by its attribute
+    ("a", "blocks.2" for a list), the default layers of an nnx model without `cut` markers:
+    nnx has no method interception like linen's, so the merged copy's submodules are wrapped.
+    """
 
     graphdef: Any
+    children: bool = False
 
     def __call__(self, state: Any, x: jax.Array) -> jax.Array:
         from flax import nnx
 
-        return nnx.merge(self.graphdef, state)(x)
+        module = nnx.merge(self.graphdef, state)
+        if self.children:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, (list, tuple, nnx.List)):  # nnx.List is itself a Module
+                    if value and all(isinstance(v, nnx.Module) for v in value):
+                        wrapped = [_Announced(v, f"{name}.{i}") for i, v in enumerate(value)]
+                        object.__setattr__(module, name, wrapped)
+                elif isinstance(value, nnx.Module):
+                    object.__setattr__(module, name, _Announced(value, name))
+        return module(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Announced:
+    """A submodule whose call's output is a `cut` named `name` (see `_NnxApply.children`)."""
+
+    module: Any
+    name: str
+
+    def __call__(self, *args, **kwargs):
+        return cut(self.module(*args, **kwargs), self.name)
 
 
 def takes_train(model: nn.Module) -> bool:

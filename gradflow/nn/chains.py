@@ -26,7 +26,9 @@ Where chains come from (`chain(model, variables, x, layers=...)`):
   model computes anything after the last cut, that remainder is a final layer named "output",
   so the chain always runs from x to the model's output y.
 - a plain function `f(params, x)` (or a `flax.nnx` module, through `nnx.split`/`nnx.merge`)
-  whose layer boundaries are marked with `cut(h, "name")`, an identity marker.
+  whose layer boundaries are marked with `cut(h, "name")`, an identity marker. An nnx module
+  without markers is cut at its top-level submodules' outputs, named by attribute ("stem",
+  "blocks.0" for a list of them).
 
 Layer l's map of an adapted model is the whole model run with cut l-1's output replaced by h
 and cut l's output returned: under `jit` everything outside that stretch is dead code.
@@ -232,7 +234,8 @@ def chain(
     """Any model as a `Chain` of named layer maps (see the module docstring).
 
     Args:
-      model: a gradflow stack, a `flax.linen.Module`, a `flax.nnx.Module` (cut markers), or a
+      model: a gradflow stack, a `flax.linen.Module`, a `flax.nnx.Module` (cut markers, else its
+        top-level submodules), or a
         plain function f(params, x) with `cut` markers.
       variables: the model's variables (linen: {"params": ..., "batch_stats": ...}; a plain
         function: its params; nnx: ignored, pass None).
@@ -258,6 +261,8 @@ def chain(
         if isinstance(model, nnx.Module):
             graphdef, state = nnx.split(model)
             model, variables = _NnxApply(graphdef), state
+            if not any(kind == "cut" for kind, _, _ in _probe(model, variables, jnp.asarray(x), ())[0].seen):
+                model = _NnxApply(graphdef, children=True)  # no markers: its submodules' outputs
     except ImportError:  # pragma: no cover - flax without nnx
         pass
     if isinstance(model, nn.Module):
