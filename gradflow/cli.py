@@ -117,7 +117,7 @@ class Sweep:
     the calls not yet kept; default: the whole grid in one call."""
     out: str = "runs/sweep"
     fresh: bool = False
-    """start over: discard the calls kept in --out (another grid's are discarded anyway)."""
+    """start over: discard the calls kept in --out (another grid's are refused without it)."""
     hosts: Annotated[Hosts, Flat] = Hosts()
 
 

@@ -107,14 +107,16 @@ def test_chain_states_are_the_model_and_compile_once(cnn):
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_topk_on_a_chain_whose_widths_change_against_float64_jacfwd(cnn, direction):
-    """topk walks every segment (25 -> 75 -> 36 -> 12 -> 5 values): its 3 leading values at every
-    layer are the float64 SVD's, and `auto` picks it past AUTO_EXACT_SIZE values."""
+    """topk walks every segment (25 -> 75 -> 36 -> 12 -> 5 values): its leading values at every
+    layer are the float64 SVD's, with a block of 6 rows and with one row (no oversampling: the
+    subspace iteration must find the top direction)."""
     model, v, x = cnn
-    res = spectra.model_spectra(model, v, x, direction=direction, method="topk", k=3)
-    assert res.method == "topk" and res.log_singular_values.shape == (4, 3)
     ref = _reference(_cnn_maps, v, x, direction)
-    for row, want in zip(res.log_singular_values, ref, strict=True):
-        np.testing.assert_allclose(row, want[:3], atol=2e-4)
+    for k, over in ((3, None), (1, 0)):
+        res = spectra.model_spectra(model, v, x, direction=direction, method="topk", k=k, oversample=over)
+        assert res.method == "topk" and res.log_singular_values.shape == (4, k)
+        for row, want in zip(res.log_singular_values, ref, strict=True):
+            np.testing.assert_allclose(row, want[:k], atol=2e-4)
 
 
 class WidthMLP(nn.Module):
@@ -322,6 +324,18 @@ def test_nnx_module_without_markers_is_cut_at_its_submodules_against_float64():
 
     net, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (4,))
     assert chain(net, None, x).layers == ("stem", "blocks.0", "blocks.1", "head")
+
+    class Tied(nnx.Module):  # reads a submodule's parameter (tied weights) and mixes a list
+        def __init__(self, rngs):
+            self.enc = nnx.Linear(4, 6, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(6, 6, rngs=rngs), jnp.tanh])
+
+        def __call__(self, x):
+            h = self.layers[1](self.layers[0](self.enc(x)))
+            return h @ self.enc.kernel[...].T
+
+    tied = Tied(nnx.Rngs(2))
+    assert chain(tied, None, x).layers == ("enc", "layers.0", "output")
     for direction in ("forward", "backward"):
         res = spectra.model_spectra(net, None, x, direction=direction)
         with x64():

@@ -36,9 +36,6 @@ def test_the_events_are_the_records_and_a_resumed_run_logs_each_epoch_once(tmp_p
 
     with pytest.raises(RuntimeError, match="killed"):
         fit(model, cfg, data, run_dir=run_dir, progress=False, tensorboard=True, callback=crash)
-    import shutil
-
-    shutil.rmtree(run_dir / "tensorboard")  # events lost too: the resumed run rewrites them from the records
     result = fit(model, cfg, data, run_dir=run_dir, progress=False, tensorboard=True)  # resumes
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2] == [r["epoch"] for r in result.history]
@@ -59,6 +56,16 @@ def test_the_events_are_the_records_and_a_resumed_run_logs_each_epoch_once(tmp_p
             np.testing.assert_allclose(
                 got, [r[diag][i] for r in records], rtol=1e-6, err_msg=f"{diag}/{name}"
             )
+    # events lost: a rerun of the finished run trains nothing and rewrites them from the records
+    import shutil
+
+    shutil.rmtree(run_dir / "tensorboard")
+    fit(model, cfg, data, run_dir=run_dir, progress=False, tensorboard=True)
+    acc = _events(run_dir)
+    assert [e.step for e in acc.Scalars("loss")] == [0, 1, 2]
+    np.testing.assert_allclose(
+        [e.value for e in acc.Scalars("loss")], [r["loss"] for r in records], rtol=1e-6
+    )
     hist = acc.Histograms("layers/grad_norm")
     assert [h.step for h in hist] == [0, 1, 2]
     for h, r in zip(hist, records):

@@ -166,9 +166,18 @@ class _NnxApply:
         if self.children:
             for name, value in list(vars(module).items()):
                 if isinstance(value, (list, tuple, nnx.List)):  # nnx.List is itself a Module
-                    if value and all(isinstance(v, nnx.Module) for v in value):
-                        wrapped = [_Announced(v, f"{name}.{i}") for i, v in enumerate(value)]
+                    if any(isinstance(v, nnx.Module) for v in value):
+                        wrapped = [
+                            _Announced(v, f"{name}.{i}") if isinstance(v, nnx.Module) else v
+                            for i, v in enumerate(value)
+                        ]
                         object.__setattr__(module, name, wrapped)
+                elif isinstance(value, nnx.Dict):
+                    wrapped = {
+                        k: _Announced(v, f"{name}.{k}") if isinstance(v, nnx.Module) else v
+                        for k, v in value.items()
+                    }
+                    object.__setattr__(module, name, wrapped)
                 elif isinstance(value, nnx.Module):
                     object.__setattr__(module, name, _Announced(value, name))
         return module(x)
@@ -183,6 +192,9 @@ class _Announced:
 
     def __call__(self, *args, **kwargs):
         return cut(self.module(*args, **kwargs), self.name)
+
+    def __getattr__(self, attr: str) -> Any:  # its parameters and methods (tied weights, ...)
+        return getattr(self.module, attr)
 
 
 def takes_train(model: nn.Module) -> bool:

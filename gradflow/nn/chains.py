@@ -260,9 +260,17 @@ def chain(
 
         if isinstance(model, nnx.Module):
             graphdef, state = nnx.split(model)
+            nnx_name = type(model).__name__
             model, variables = _NnxApply(graphdef), state
             if not any(kind == "cut" for kind, _, _ in _probe(model, variables, jnp.asarray(x), ())[0].seen):
                 model = _NnxApply(graphdef, children=True)  # no markers: its submodules' outputs
+                try:
+                    _probe(model, variables, jnp.asarray(x), ())
+                except ValueError as e:  # the wrapped submodules went where only modules go
+                    raise ValueError(
+                        f"{nnx_name}: cutting this nnx module at its submodules failed ({e}); "
+                        "mark its layer boundaries with gradflow.nn.cut(h, name) in __call__"
+                    ) from e
     except ImportError:  # pragma: no cover - flax without nnx
         pass
     if isinstance(model, nn.Module):

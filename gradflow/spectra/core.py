@@ -30,7 +30,8 @@ precision can resolve is a singular value below eps * ||A_l|| of a single, intri
 ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
 (`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
 
-Method ("auto", the default): "exact" for states of at most `AUTO_EXACT_SIZE` values, else
+Method ("auto", the default): "exact" while the rows it carries (the rank bound of the products:
+the smallest state so far forward, the output size backward) are at most `AUTO_EXACT_SIZE`, else
 "topk" with k = `AUTO_K` (unless k is given); the result's `.method` says which ran.
 
 Method ("topk"): the same recursion on k + oversample rows (default 2k) from a random orthonormal
@@ -462,8 +463,9 @@ def chain_spectra(
         bound = int(np.minimum.accumulate(sizes)[1 : int(wanted.max()) + 1].max())
     else:
         bound = int(sizes[-1])
-    if method == "auto":
-        method = "topk" if int(sizes.max()) > AUTO_EXACT_SIZE else "exact"
+    if method == "auto":  # by the rows the exact engine would carry: a backward product through a
+        # classifier carries (output size) rows at any width, and stays exact
+        method = "topk" if bound > AUTO_EXACT_SIZE else "exact"
         if method == "topk" and k is None:
             k = min(AUTO_K, bound)
     if k is None:
@@ -520,10 +522,7 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
     """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J,
     along the chain's segments (widths may change between them)."""
     steps, shared, params = c.parts()
-    points, h = [], c.h0
-    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
-        h, pts = _states(step, sh, p, h, depth)
-        points.append(pts)
+    points = _inputs_jit(steps, shared, params, c.h0)
     sizes = _state_sizes(c)
     L = int(sizes.shape[0]) - 1
     ends = np.cumsum([d for _, d in steps])  # layer index (1-based) of each segment's last layer
@@ -548,7 +547,7 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
             path = sizes[l:]
         m = min(int(path.min()), k + (k if oversample is None else oversample))
         n_in = int(sizes[0] if forward else sizes[L])
-        if x is None or x.shape[0] < m:
+        if x is None or x.shape[0] != m:  # (its rows are not sorted: no subset of them is kept)
             x = jnp.linalg.qr(jax.random.normal(key, (n_in, m), dtype))[0].T  # (m, n_in) orthonormal
         walk = [  # each walked segment in walk order: its steps, params and input states
             (
@@ -565,7 +564,7 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
             tuple(w[1] for w in walk),
             tuple(w[2] for w in walk),
             tuple(w[3] for w in walk),
-            x[:m],
+            x,
             jnp.int32(n),
             depths=depths,
             k=k,
@@ -578,6 +577,16 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
         for l in wanted
     ]
     return jnp.stack(out)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _inputs_jit(steps, shared, params, h0):
+    """Every segment's layer inputs, (depth, *state shape) each, in one compiled forward pass."""
+    points, h = [], h0
+    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
+        h, pts = _states(step, sh, p, h, depth)
+        points.append(pts)
+    return points
 
 
 @functools.partial(

@@ -210,7 +210,9 @@ class SweepResult:
         out = _html.table(head, cells, caption)
         if "grad_norm" in self.epochs:
             curves = {
-                f"lr={r['lr']:g} seed={r['seed']}": np.asarray(self.epochs["grad_norm"][r["run"], 0])
+                f"run {r['run']}: lr={r['lr']:g} seed={r['seed']}": np.asarray(
+                    self.epochs["grad_norm"][r["run"], 0]
+                )
                 for r in rows[:8]
             }
             fig = plots.grad_norm_profiles(curves, None, title="per-layer gradient norms, epoch 1 (best 8)")
