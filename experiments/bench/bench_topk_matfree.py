@@ -3,8 +3,8 @@
 1. A 20-layer tanh CNN (`ConvStack`, 16 x 16 x 8 states: N = 2048): the top 16 singular
    values of J_l = dh_l/dh_0 at every layer. gradflow: `model_spectra(method="topk", k=16)`,
    all layers in one call. matfree: `eig.svd_partial(decomp.bidiag(n))` on the chained jvp
-   (its vjp made by JAX) at each layer, for n = 32 and 64 Krylov steps (one jvp and one vjp
-   each). The reference is gradflow's exact engine (all 2048 values, every layer; timed once).
+   (its vjp made by JAX) at each layer, for n = 32, 64, 128 and 256 Krylov steps (one jvp and
+   one vjp each). The reference is gradflow's exact engine (all 2048 values, every layer; timed once).
    Printed: wall time (compile included, then warm), jvp+vjp products used, and the largest error of
    log sigma_1..16 over all layers.
 2. A 200-layer sigmoid MLP (width 64): the top 4 singular values of J_200, of order e^-290, far
@@ -14,6 +14,7 @@
 matfree is not a gradflow dependency (it is in the dev extra, for this benchmark).
 
     python experiments/bench/bench_topk_matfree.py [--depth 20] [--size 16] [--channels 8] [--k 16]
+        [--steps 32 64 128 256]
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def cnn(args):
         )
     )
     f = _forward_map(c)
-    for steps in (2 * args.k, 4 * args.k):
+    for steps in args.steps:
         got, t, w = _timed(lambda steps=steps: _matfree_top(f, c.h0, depths, args.k, steps))
         err = float(np.max(np.abs(np.asarray(got) - ref)))
         rows.append(
@@ -152,6 +153,9 @@ if __name__ == "__main__":
     )
     for name, default in [("depth", 20), ("size", 16), ("channels", 8), ("k", 16)]:
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[32, 64, 128, 256], help="matfree's Krylov steps"
+    )
     a = parser.parse_args()
     cnn(a)
     sigmoid(a)
