@@ -363,7 +363,7 @@ def run_sweep(cmd: Sweep) -> int:
         cmd.out, config, "calls", on_mismatch="error", fresh=cmd.fresh, clear=_SWEEP_FILES
     )
     done = {r["call"] for r in runs.done}
-    if done:  # a rerun says what it skips
+    if done and distributed.is_writer():  # a rerun says what it skips (once, not per process)
         rest = len(calls) - len(done)
         print(
             f"{len(done)} of {len(calls)} calls already in {cmd.out}: "

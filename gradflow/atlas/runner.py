@@ -118,7 +118,7 @@ def run(
         )
         names = [c.name for c in (*ff, *rec, *nets)]
         kept = sum(name in done for name in names)
-        if kept:  # a rerun says what it skips
+        if kept and distributed.is_writer():  # a rerun says what it skips (once, not per process)
             rest = f"measuring the other {len(names) - kept}" if kept < len(names) else "nothing to do"
             print(f"{kept} of {len(names)} configurations already in {out}: {rest}", flush=True)
         with bar:
