@@ -289,6 +289,14 @@ def test_result_statistics_save_load_and_plot(tmp_path):
     assert back.direction == "forward"
     r.plot(tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+    named = spectra.SpectraResult(
+        depths=np.array([1, 2]), log_singular_values=logs, layers=("Conv_0", "Dense_0")
+    )
+    fig = named.plot()
+    heat, density = fig.axes[0], fig.axes[1]  # (the colorbar is added after them)
+    assert "natural log" in heat.get_xlabel() and "natural log" in density.get_xlabel()
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["Conv_0", "Dense_0"]  # rows named by layer
+    assert [t.get_text() for t in density.get_legend().get_texts()] == ["Conv_0 (l = 1)", "Dense_0 (l = 2)"]
     assert "log smax" in r.table()
     with pytest.raises(FileNotFoundError, match="no spectra file"):
         spectra.SpectraResult.load(tmp_path / "missing.npz")

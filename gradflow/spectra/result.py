@@ -171,8 +171,15 @@ class SpectraResult:
         extent = (bins[0], bins[-1], self.depths[-1] + 0.5, self.depths[0] - 0.5)
         im = ax0.imshow(np.log1p(hist), aspect="auto", extent=extent, cmap="magma")
         ax0.set(
-            xlabel="log singular value", ylabel="layer l", title=title or f"{self.direction} Jacobian spectra"
+            xlabel="ln sigma (natural log)",
+            ylabel="layer",
+            title=title or f"{self.direction} Jacobian spectra",
         )
+        if self.layers != tuple(str(l) for l in self.depths):  # a chain's rows: named by layer
+            every = max(1, -(-len(self.depths) // 20))
+            ax0.set_yticks(
+                self.depths[::every], [self.layers[i] for i in range(0, len(self.depths), every)], fontsize=7
+            )
         fig.colorbar(im, ax=ax0, label="log(1 + count)")
         chosen = at or tuple(
             sorted({int(self.depths[0]), int(self.depths[len(self.depths) // 2]), int(self.depths[-1])})
@@ -180,8 +187,10 @@ class SpectraResult:
         for l in chosen:
             i = int(np.searchsorted(self.depths, l))
             row = finite[i][np.isfinite(finite[i])]
-            ax1.hist(row, bins=40, density=True, histtype="step", label=f"l = {self.depths[i]}")
-        ax1.set(xlabel="log singular value", ylabel="density", title="spectrum density at chosen depths")
+            ax1.hist(
+                row, bins=40, density=True, histtype="step", label=f"{self.layers[i]} (l = {self.depths[i]})"
+            )
+        ax1.set(xlabel="ln sigma (natural log)", ylabel="density", title="spectrum density at chosen depths")
         ax1.legend()
         fig.tight_layout()
         if path is not None:
