@@ -225,11 +225,10 @@ def _user_spectra(cmd: Spectra):
 
 def _writable(out: str) -> None:
     """Refuse an output location that cannot take the results, before computing them (checked
-    by the process that writes them: process 0 of a multi-process run)."""
+    by the process that writes them, process 0 of a multi-process run; every process stops)."""
     from gradflow import distributed
 
-    error = None
-    if distributed.is_writer():
+    def probe() -> None:
         path = pathlib.Path(out)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -237,10 +236,9 @@ def _writable(out: str) -> None:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            error = f"--out {out!r} cannot take the results: {e.strerror or e}"
-    error = distributed.broadcast_json(error)  # every process stops alike, naming the reason
-    if error is not None:
-        raise ValueError(error)
+            raise ValueError(f"--out {out!r} cannot take the results: {e.strerror or e}") from None
+
+    distributed.on_writer(probe)
 
 
 def run_spectra(cmd: Spectra) -> int:
@@ -382,8 +380,8 @@ def run_sweep(cmd: Sweep) -> int:
                     break
                 started = time.perf_counter()
                 # the last call padded to the others' size (its last run repeated): no second compile
-                idx = np.minimum(np.arange(lo, lo + per_call), hi - 1)
-                res = train.sweep(model, cfg, arrays, train.Hparams(*(a[idx] for a in hp)))
+                part, _ = distributed.pad(train.Hparams(*(a[lo:hi] for a in hp)), per_call)
+                res = train.sweep(model, cfg, arrays, part)
                 epochs_k = {key: np.asarray(v)[: hi - lo] for key, v in res.epochs.items()}
                 runs.save_arrays(f"call{k}", **epochs_k)
                 record = {"call": k, "runs": [lo, hi], "devices": res.num_devices}

@@ -187,23 +187,38 @@ def same_everywhere(what: str, obj: Any) -> None:
         )
 
 
-def writer_store(run_dir: Any, config: dict, log: str, **kwargs: Any) -> WriterStore:
-    """Open the run store `run_dir` on process 0 (`store.RunStore(run_dir, config, **kwargs)`)
-    and tell every process the records of its log `log` (what is already done), by
-    `broadcast_json`. Every process must pass the same `config` (checked); a refusal (another
-    config stored, another writer, an unreadable directory) is raised on every process alike."""
-    same_everywhere("config", config)
-    runs, told = None, None
+def on_writer(fn: Callable[[], Any]) -> Any:
+    """`fn()` run by process 0 alone; its JSON-able result on every process, or its ValueError or
+    OSError raised on every process alike (as a ValueError with its message), so that no process
+    goes on to a collective the others never reach. One process: `fn()` itself."""
+    if jax.process_count() == 1:
+        return fn()
+    told = None
     if is_writer():
         try:
-            runs = store.RunStore(run_dir, config, **kwargs)
-            told = {"records": runs.records(log)}
+            told = {"value": fn()}
         except (ValueError, OSError) as e:
             told = {"error": str(e)}
     told = broadcast_json(told)
     if "error" in told:
         raise ValueError(told["error"])
-    return WriterStore(runs, told["records"])
+    return told["value"]
+
+
+def writer_store(run_dir: Any, config: dict, log: str, **kwargs: Any) -> WriterStore:
+    """Open the run store `run_dir` on process 0 (`store.RunStore(run_dir, config, **kwargs)`)
+    and tell every process the records of its log `log` (what is already done), by `on_writer`.
+    Every process must pass the same `config` (checked); a refusal (another config stored,
+    another writer, an unreadable directory) is raised on every process alike."""
+    same_everywhere("config", config)
+    opened: list[store.RunStore] = []
+
+    def open_store() -> list[dict]:
+        opened.append(store.RunStore(run_dir, config, **kwargs))
+        return opened[0].records(log)
+
+    records = on_writer(open_store)
+    return WriterStore(opened[0] if opened else None, records)
 
 
 def mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
