@@ -245,6 +245,22 @@ def _slice(tree: Any, lo: int, hi: int, reverse: bool = False) -> Any:
     return jax.tree.map(lambda a: a[lo:hi][::-1] if reverse else a[lo:hi], tree)
 
 
+def _inputs(steps, shared, params, h0, upto: int | None = None) -> tuple[list[jax.Array], jax.Array]:
+    """The forward pass: each segment's layer inputs, (depth, *state shape), and the last output,
+    over the segments that begin before layer `upto` (default: all)."""
+    points, h, at = [], h0, 0
+    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
+        if upto is not None and at >= upto:
+            break
+        h, pts = _states(step, sh, p, h, depth)
+        points.append(pts)
+        at += depth
+    return points, h
+
+
+_inputs_jit = jax.jit(_inputs, static_argnames=("steps", "upto"))
+
+
 def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     """Log singular values of the chain's products, (L, W): row l - 1 is J_l or G_l, -inf padded.
 
@@ -257,14 +273,8 @@ def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
     L = sum(d for _, d in steps)
     hi = L if hi is None else hi
     # The forward pass: the input of every layer (up to layer hi going forward), per segment.
-    points, sizes, h, at = [], [], h0, 0
-    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
-        if direction == "forward" and at >= hi:
-            break
-        h, pts = _states(step, sh, p, h, depth)
-        points.append(pts)
-        sizes += [int(np.prod(pts.shape[1:]))] * depth
-        at += depth
+    points, h = _inputs(steps, shared, params, h0, upto=hi if direction == "forward" else None)
+    sizes = [int(np.prod(pts.shape[1:])) for pts in points for _ in range(pts.shape[0])]
     sizes.append(int(np.prod(h.shape)))  # sizes[j] = N_j, the size of h_j
     # The walked layers, as pieces of segments: (step, shared, params, inputs, a, b, first), the
     # segment's layers a .. b - 1 (0-based within it), `first` the global 0-based index of a.
@@ -522,7 +532,7 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
     """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J,
     along the chain's segments (widths may change between them)."""
     steps, shared, params = c.parts()
-    points = _inputs_jit(steps, shared, params, c.h0)
+    points, _ = _inputs_jit(steps, shared, params, c.h0)
     sizes = _state_sizes(c)
     L = int(sizes.shape[0]) - 1
     ends = np.cumsum([d for _, d in steps])  # layer index (1-based) of each segment's last layer
@@ -577,16 +587,6 @@ def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
         for l in wanted
     ]
     return jnp.stack(out)
-
-
-@functools.partial(jax.jit, static_argnames=("steps",))
-def _inputs_jit(steps, shared, params, h0):
-    """Every segment's layer inputs, (depth, *state shape) each, in one compiled forward pass."""
-    points, h = [], h0
-    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
-        h, pts = _states(step, sh, p, h, depth)
-        points.append(pts)
-    return points
 
 
 @functools.partial(
