@@ -447,19 +447,16 @@ def _print_sweep_table(rows: list[dict], cfg: TrainConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from gradflow.train.sweep import ranked_table
+
     given = ["seed", "lr", *(["weight_scale"] if len({r["weight_scale"] for r in rows}) > 1 else [])]
     given += ["clip_value"] if cfg.optim.clip is not None else []
-    measured = [
-        c for c in ("loss", "accuracy", "test_loss", "test_accuracy", "grad_first_over_last") if c in rows[0]
-    ]
+    head, cells = ranked_table(rows, given)
     table = Table(title="sweep, best first (grad_first_over_last: layer 1 / last layer, epoch 1)")
-    table.add_column("")
-    for c in given + measured:
-        table.add_column(c, justify="right")
-    table.add_column("status")
-    for r in rows:
-        cells = [f"{r[c]:g}" for c in given] + [f"{r[c]:.3g}" for c in measured]
-        table.add_row("*" if r["best"] else "", *cells, "diverged" if r["diverged"] else "ok")
+    for i, c in enumerate(head):
+        table.add_column(c, justify="right" if 0 < i < len(head) - 1 else "left")
+    for row in cells:
+        table.add_row(*row)
     Console(width=160).print(table)
 
 

@@ -100,8 +100,7 @@ class TrainResult:
         rows = []
         for i in idx if self.history else ():
             r = self.history[i]
-            g = r.get("grad_norm") or []
-            ratio = f"{g[0] / g[-1]:.3g}" if len(g) > 1 and g[-1] and g[0] is not None else ""
+            ratio = "" if (q := _grad_ratio(r)) is None else f"{q:.3g}"
             rows.append([r["epoch"], *(f"{r[c]:.4g}" for c in cols), ratio, r["skipped"]])
         if self.nonfinite is not None:
             nf = self.nonfinite
@@ -210,11 +209,24 @@ def _record(epoch: int, summary: dict, test: dict, names: list[str], seconds: fl
     return rec
 
 
-def _health(rec: dict) -> str:
+def _grad_ratio(rec: dict) -> float | None:
+    """Layer 1's gradient norm over the last layer's in a record, where both are finite and nonzero."""
     g = rec.get("grad_norm")
-    if not g or not math.isfinite(g[0]) or not math.isfinite(g[-1]) or g[-1] == 0:
-        return ""
-    return f" | grad first/last {g[0] / g[-1]:.2e}"
+    if (
+        not g
+        or g[0] is None
+        or g[-1] is None
+        or not math.isfinite(g[0])
+        or not math.isfinite(g[-1])
+        or g[-1] == 0
+    ):
+        return None
+    return g[0] / g[-1]
+
+
+def _health(rec: dict) -> str:
+    ratio = _grad_ratio(rec)
+    return "" if ratio is None else f" | grad first/last {ratio:.2e}"
 
 
 class _Progress:
@@ -313,7 +325,7 @@ def fit(
     if tensorboard:
         from gradflow.train.tensorboard import _summary_writer
 
-        _summary_writer()  # a missing tensorboardX is named before anything trains
+        _summary_writer()  # a missing tensorboardX is named before anything is written or trained
     x_train, y_train, x_test, y_test = data
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     # lr and clip_value enter as arguments (traced), as in a sweep run.

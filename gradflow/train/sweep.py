@@ -185,25 +185,7 @@ class SweepResult:
         from gradflow import _html, plots
 
         rows = self.rows()
-        cols = [
-            c
-            for c in ("loss", "accuracy", "test_loss", "test_accuracy", "grad_first_over_last")
-            if c in rows[0]
-        ]
-        head = ["", "run", "seed", "lr", "weight_scale", "clip_value", *cols, "status"]
-        cells = [
-            [
-                "*" if r["best"] else "",
-                r["run"],
-                r["seed"],
-                f"{r['lr']:g}",
-                f"{r['weight_scale']:g}",
-                f"{r['clip_value']:g}",
-            ]
-            + [f"{r[c]:.3g}" for c in cols]
-            + ["diverged" if r["diverged"] else "ok"]
-            for r in rows[:16]
-        ]
+        head, cells = ranked_table(rows[:16], ("run", "seed", "lr", "weight_scale", "clip_value"))
         caption = f"sweep of {len(rows)} runs on {self.num_devices} device(s), best first" + (
             f" (the first 16 of {len(rows)})" if len(rows) > 16 else ""
         )
@@ -271,6 +253,21 @@ def ranked_rows(hp: Hparams, epochs: Mapping[str, Any]) -> list[dict]:
     for j, r in enumerate(rows):
         r["best"] = j == 0 and not r["diverged"]
     return rows
+
+
+def ranked_table(rows: Sequence[dict], given: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """`ranked_rows` as display cells (the CLI's table, a notebook's): the best run's mark, the
+    `given` columns as written, the measured ones to 3 digits, ok / diverged."""
+    measured = [
+        c for c in ("loss", "accuracy", "test_loss", "test_accuracy", "grad_first_over_last") if c in rows[0]
+    ]
+    head = ["", *given, *measured, "status"]
+    cells = [
+        ["*" if r["best"] else "", *(f"{r[c]:g}" for c in given), *(f"{r[c]:.3g}" for c in measured)]
+        + ["diverged" if r["diverged"] else "ok"]
+        for r in rows
+    ]
+    return head, cells
 
 
 @functools.lru_cache(maxsize=16)
