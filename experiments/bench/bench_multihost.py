@@ -44,6 +44,18 @@ def _problem(depth: int, width: int, epochs: int):
     return model, cfg, (ds.x_train, ds.y_train, ds.x_test, ds.y_test), hp
 
 
+def _best(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls of `fn` (results waited for), in seconds."""
+    import jax
+
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of a layout: initialize, time the sweep and the gather, write its figures."""
     from gradflow import distributed
@@ -57,20 +69,12 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     res = train.sweep(model, cfg, arrays, hp)
     first = time.perf_counter() - t0
-    steady = np.inf
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        train.sweep(model, cfg, arrays, hp)
-        steady = min(steady, time.perf_counter() - t0)
+    steady = _best(lambda: train.sweep(model, cfg, arrays, hp), args.repeats)
     results = (res.params, res.batch_stats, res.epochs)
     m = distributed.mesh()
     on_mesh = distributed.put(results, m, batched=True)  # the sweep's outputs, where they lie
     jax.block_until_ready(on_mesh)
-    gather = np.inf
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        distributed.gather(on_mesh)
-        gather = min(gather, time.perf_counter() - t0)
+    gather = _best(lambda: distributed.gather(on_mesh), args.repeats)
     nbytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(results))
     # every training step all-reduces scalars over the run axis (the shared recording step and
     # whether any run went non-finite, so that lax.cond stays a real branch): time 100 of them
@@ -82,11 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     fn = jax.jit(jax.vmap(reduces, axis_name="runs"))
     c = distributed.put(np.zeros(64, np.float32), m, batched=True)
     jax.block_until_ready(fn(c))
-    allreduce = np.inf
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(c))
-        allreduce = min(allreduce, (time.perf_counter() - t0) / 100)
+    allreduce = _best(lambda: fn(c), args.repeats) / 100
     steps = int(res.epochs["steps"][0].sum())
     record = dict(
         first=first,
