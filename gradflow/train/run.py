@@ -278,12 +278,6 @@ def _run_epoch(
     )
 
 
-def _static(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with what the compiled epoch takes as an argument (or never reads) blanked."""
-    optim = dataclasses.replace(cfg.optim, lr=1.0, clip_value=1.0)
-    return dataclasses.replace(cfg, seed=0, epochs=1, optim=optim)
-
-
 def fit(
     model: nn.Module,
     cfg: TrainConfig,
@@ -335,7 +329,7 @@ def fit(
     state = init_state(model, tx, init_key, x_train[: cfg.batch_size])
     lay = layout(model, {"params": state.params, "batch_stats": state.batch_stats}, x_train[: cfg.batch_size])
     names = lay.names
-    static = _static(cfg)
+    static = cfg.structure(one_epoch=True)
     epoch_fn = functools.partial(_run_epoch, lr=lr, clip_value=clip_value, model=model, cfg=static)
     has_test = x_test is not None
     x_test = jnp.asarray(x_test) if has_test else None

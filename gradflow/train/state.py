@@ -83,6 +83,18 @@ class TrainConfig:
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"TrainConfig.optim must be an OptimConfig, got {self.optim!r}")
 
+    def structure(self, *, one_epoch: bool = False) -> TrainConfig:
+        """This config with the fields that a compiled run takes as traced arguments blanked:
+        seed, optim.lr and optim.clip_value (the per-run `Hparams`). Configs with equal
+        structures compile to one program (the key of jit's and the sweep's caches).
+
+        Args:
+          one_epoch: also blank `epochs`, which a program of one epoch never reads.
+        """
+        optim = dataclasses.replace(self.optim, lr=1.0, clip_value=1.0)
+        blank = {"seed": 0, "optim": optim} | ({"epochs": 1} if one_epoch else {})
+        return dataclasses.replace(self, **blank)
+
     def to_dict(self) -> dict:
         """A JSON-able dict (callables, e.g. a custom `decay_mask`, become their repr)."""
 

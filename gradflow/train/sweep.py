@@ -359,7 +359,7 @@ def sweep(
     if shard is None:
         shard = len(devices) > 1
     options = tuple(sorted((compiler_options or {}).items()))
-    vrun = _compiled_run(model, _structure(cfg), tuple(devices) if shard else None, options)
+    vrun = _compiled_run(model, cfg.structure(), tuple(devices) if shard else None, options)
     if shard:
         m = distributed.mesh(devices)
         hp_pad, _ = distributed.pad(hp, m.size)
@@ -413,11 +413,6 @@ class SweepPoint:
     weight_scale: float = 1.0
 
 
-def _structure(cfg: TrainConfig) -> TrainConfig:
-    optim = dataclasses.replace(cfg.optim, lr=1.0, clip_value=1.0)
-    return dataclasses.replace(cfg, seed=0, optim=optim)
-
-
 def sweep_points(points: Sequence[SweepPoint], data: Data, *, shard: bool | None = None) -> list[dict]:
     """Run arbitrary points: grouped by structure, one vmapped (and sharded) `sweep` per group.
 
@@ -432,7 +427,7 @@ def sweep_points(points: Sequence[SweepPoint], data: Data, *, shard: bool | None
     groups: list[tuple[SweepPoint, list[int]]] = []
     for i, p in enumerate(points):
         for head, members in groups:
-            if head.model == p.model and _structure(head.cfg) == _structure(p.cfg):
+            if head.model == p.model and head.cfg.structure() == p.cfg.structure():
                 members.append(i)
                 break
         else:
