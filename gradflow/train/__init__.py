@@ -4,6 +4,10 @@ from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
 from gradflow.train.diagnostics import Layout as Layout
 from gradflow.train.diagnostics import layout as layout
 from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
+from gradflow.train.loop import epoch_batches as epoch_batches
+from gradflow.train.loop import evaluate as evaluate
+from gradflow.train.loop import make_train_epoch as make_train_epoch
+from gradflow.train.loop import summarize_epoch as summarize_epoch
 from gradflow.train.run import TrainResult as TrainResult
 from gradflow.train.run import fit as fit
 from gradflow.train.state import TrainConfig as TrainConfig
@@ -12,11 +16,7 @@ from gradflow.train.state import init_state as init_state
 from gradflow.train.state import init_variables as init_variables
 from gradflow.train.state import run_keys as run_keys
 from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
-from gradflow.train.step import epoch_batches as epoch_batches
-from gradflow.train.step import evaluate as evaluate
-from gradflow.train.step import make_train_epoch as make_train_epoch
 from gradflow.train.step import make_train_step as make_train_step
-from gradflow.train.step import summarize_epoch as summarize_epoch
 from gradflow.train.step import task_loss as task_loss
 from gradflow.train.sweep import Hparams as Hparams
 from gradflow.train.sweep import SweepPoint as SweepPoint

@@ -7,7 +7,7 @@
   SHA-256), written once; a resumed run must have the same, else a ValueError naming what
   differs (`gradflow.store.RunStore`);
 - `metrics.jsonl`: one JSON line per epoch (append-only, flushed and fsync'ed at once): the
-  epoch summary (`gradflow.train.step.summarize_epoch`: loss, accuracy, per-layer diagnostics
+  epoch summary (`gradflow.train.loop.summarize_epoch`: loss, accuracy, per-layer diagnostics
   as lists, skipped steps, the first non-finite step and its layer), the test metrics and the
   wall time;
 - `checkpoints/<epoch>/`: an orbax checkpoint of the `TrainState` (plus the stop flag) at the
@@ -45,8 +45,8 @@ from gradflow._interrupt import deferred_interrupt
 from gradflow.optim import make_optimizer
 from gradflow.store import RunStore, fingerprint
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
+from gradflow.train.loop import evaluate, make_epoch
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys
-from gradflow.train.step import epoch_batches, evaluate, make_train_epoch, summarize_epoch
 
 Data = tuple[Any, Any, Any, Any]
 
@@ -198,13 +198,13 @@ class _Store:
         self.runs.close()
 
 
-def _record(epoch: int, summary: dict, test: dict, names: list[str], seconds: float) -> dict:
+def _record(epoch: int, summary: dict, names: list[str], seconds: float) -> dict:
     rec: dict[str, Any] = {"epoch": epoch}
-    rec.update({k: _jsonable(v) for k, v in summary.items()})
+    rec.update({k: _jsonable(v) for k, v in summary.items() if not k.startswith("test_")})
     layer = rec["nonfinite_layer"]
     rec["nonfinite_layer_name"] = names[layer] if layer >= 0 else None
     rec["nonfinite_kind"] = NONFINITE_KINDS[rec["nonfinite_kind"]]
-    rec.update({f"test_{k}": _jsonable(v) for k, v in test.items()})
+    rec.update({k: _jsonable(v) for k, v in summary.items() if k.startswith("test_")})
     rec["seconds"] = seconds
     return rec
 
@@ -257,13 +257,12 @@ class _Progress:
             self.bar.stop()
 
 
-_summarize = jax.jit(summarize_epoch)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def _run_epoch(
     state: TrainState,
-    batches: Any,
+    data: Data,
+    data_key: jax.Array,
+    epoch: Any,
     done: Any,
     lr: Any,
     clip_value: Any,
@@ -271,11 +270,10 @@ def _run_epoch(
     model: nn.Module,
     cfg: TrainConfig,
 ):
-    # Cached on (model, cfg) with seed, epochs, lr and clip_value blanked (they are arguments or
-    # unused here): runs that differ only in those share one compiled epoch.
-    return make_train_epoch(model, make_optimizer(cfg.optim, lr=lr, clip_value=clip_value), cfg)(
-        state, batches, done
-    )
+    # Cached on (model, cfg.structure(one_epoch=True)): lr and clip_value are arguments, seed
+    # and epochs unused here, so runs that differ only in those share one compiled epoch.
+    tx = make_optimizer(cfg.optim, lr=lr, clip_value=clip_value)
+    return make_epoch(model, tx, cfg)(state, data, data_key, epoch, done)
 
 
 def fit(
@@ -334,6 +332,7 @@ def fit(
     has_test = x_test is not None
     x_test = jnp.asarray(x_test) if has_test else None
     y_test = jnp.asarray(y_test) if has_test else None
+    arrays = (x_train, y_train, x_test, y_test)
 
     history: list[dict] = []
     start, done = 0, False
@@ -371,12 +370,10 @@ def fit(
                 if stop.requested:
                     break
                 t0 = time.perf_counter()
-                batches = epoch_batches(x_train, y_train, data_key, epoch, cfg.batch_size)
-                state, metrics = epoch_fn(state, batches, done)
-                summary = jax.device_get(_summarize(metrics))
+                state, summary = epoch_fn(state, arrays, data_key, epoch, done)
+                summary = jax.device_get(summary)
                 done = bool(summary["done"])
-                test = jax.device_get(evaluate(model, state, x_test, y_test, static)) if has_test else {}
-                rec = _record(epoch, summary, test, names, time.perf_counter() - t0)
+                rec = _record(epoch, summary, names, time.perf_counter() - t0)
                 history.append(rec)
                 if store is not None:
                     store.append(rec)

@@ -1,4 +1,4 @@
-"""The pure training step, the epoch as one `lax.scan`, evaluation and per-epoch batching.
+"""The pure training step: one optimizer update with its finiteness check and diagnostics.
 
 `make_train_step(model, optimizer, cfg)` returns `train_step(state, batch) -> (state, metrics)`:
 pure, jit it outside. One step is the hand-written flax + optax step (value_and_grad, optimizer
@@ -71,7 +71,8 @@ def task_loss(out: jax.Array, y: jax.Array, task: str) -> tuple[jax.Array, dict[
     return jnp.mean((out - jnp.reshape(y, out.shape).astype(out.dtype)) ** 2), {}
 
 
-def _variables(params: Any, batch_stats: Any, perturbations: Any = None) -> dict:
+def model_variables(params: Any, batch_stats: Any, perturbations: Any = None) -> dict:
+    """The variables `model.apply` takes: params, and the collections that are not empty."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
@@ -117,12 +118,12 @@ def make_train_step(
         # The model's layers, asked of its chain once per input shape (structure only).
         key = ("layout", x.shape, x.dtype)
         if key not in cache:
-            cache[key] = dg.layout(model, _variables(params, batch_stats), x)
+            cache[key] = dg.layout(model, model_variables(params, batch_stats), x)
         return cache[key]
 
     def apply(params, batch_stats, x, key, perturbations=None, sow=False):
         mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if sow else [])
-        variables = _variables(params, batch_stats, perturbations)
+        variables = model_variables(params, batch_stats, perturbations)
         return model.apply(variables, x, rngs={"dropout": key}, mutable=mutable, **train_kw)
 
     def plain_loss(params, batch_stats, x, y, key):
@@ -138,7 +139,7 @@ def make_train_step(
                 model,
                 lay.cuts,
                 perturbations,
-                _variables(params, batch_stats),
+                model_variables(params, batch_stats),
                 x,
                 rngs={"dropout": key},
                 mutable=mutable,
@@ -159,7 +160,7 @@ def make_train_step(
                 cache[cache_key] = cut_shapes(
                     model,
                     lay.cuts,
-                    _variables(params, batch_stats),
+                    model_variables(params, batch_stats),
                     x,
                     rngs={"dropout": key},
                     mutable=mutable,
@@ -170,7 +171,11 @@ def make_train_step(
                 def create(params, batch_stats, x, key):
                     mutable = ["perturbations"] + (["batch_stats"] if batch_stats else [])
                     _, new = model.apply(
-                        _variables(params, batch_stats), x, rngs={"dropout": key}, mutable=mutable, **train_kw
+                        model_variables(params, batch_stats),
+                        x,
+                        rngs={"dropout": key},
+                        mutable=mutable,
+                        **train_kw,
                     )
                     return new.get("perturbations", {})
 
@@ -289,130 +294,3 @@ def _perturbed(lay: dg.Layout, grads: Any, name: str) -> list[jax.Array] | None:
 def _layered(a: jax.Array, stacked: bool) -> jax.Array:
     """`a` with a leading layer axis (an unscanned block's array gets one of length 1)."""
     return a if stacked else a[None]
-
-
-def make_train_epoch(
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    cfg: TrainConfig,
-    *,
-    axis_name: str | None = None,
-) -> Callable[..., tuple[TrainState, Metrics]]:
-    """One epoch as one `lax.scan` of `make_train_step` over stacked batches.
-
-    With `cfg.on_nonfinite == "stop"` the scan carries a `done` flag, set at the first
-    non-finite step; later steps are no-ops (their metrics have active=False).
-
-    Args:
-      model, optimizer, cfg, axis_name: as for `make_train_step`.
-
-    Returns:
-      `train_epoch(state, (x_NxBxD, y_NxB), done=False) -> (state, metrics)`, N the number of
-      batches; every metric gains a leading axis N, plus `active` (the step ran) and `done`
-      (the run is stopped after this step). Pass `metrics["done"][-1]` as the next epoch's
-      `done`. Pure; jit it outside.
-    """
-    step_fn = make_train_step(model, optimizer, cfg, axis_name=axis_name)
-    stop = cfg.on_nonfinite == "stop"
-
-    def train_epoch(state: TrainState, batches: Batch, done: ArrayLike = False) -> tuple[TrainState, Metrics]:
-        def body(carry, batch):
-            state, done = carry
-            state, m = step_fn(state, batch, done)
-            new_done = (done | ~m["finite"]) if stop else done
-            return (state, new_done), {**m, "active": ~done, "done": new_done}
-
-        (state, _), metrics = lax.scan(body, (state, jnp.asarray(done, bool)), batches)
-        return state, metrics
-
-    return train_epoch
-
-
-def summarize_epoch(metrics: Metrics) -> Metrics:
-    """Per-epoch summary of the stacked step metrics of `make_train_epoch`; pure, vmappable.
-
-    Args:
-      metrics: step metrics with leading axis N (steps of the epoch).
-
-    Returns:
-      loss, accuracy (classification): means over the active finite steps; steps (active
-      steps); skipped (active non-finite steps); done; nonfinite_step, nonfinite_layer,
-      nonfinite_kind of the first non-finite step (-1 / 0 if none); and for each per-layer
-      diagnostic its mean over the recorded finite steps, shape (L,) (NaN if none).
-    """
-    active = metrics["active"]
-    ok = active & metrics["finite"]
-    bad = active & ~metrics["finite"]
-
-    def mean_over(mask, v):
-        m = jnp.reshape(mask, mask.shape + (1,) * (v.ndim - 1))
-        count = jnp.sum(mask)
-        total = jnp.sum(jnp.where(m, v, 0), axis=0)
-        return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
-
-    first = jnp.argmax(bad)
-    has_bad = jnp.any(bad)
-    out = {
-        "loss": mean_over(ok, metrics["loss"]),
-        "steps": jnp.sum(active).astype(jnp.int32),
-        "skipped": jnp.sum(bad).astype(jnp.int32),
-        "done": metrics["done"][-1],
-        "nonfinite_step": jnp.where(has_bad, metrics["step"][first], -1).astype(jnp.int32),
-        "nonfinite_layer": jnp.where(has_bad, metrics["nonfinite_layer"][first], -1).astype(jnp.int32),
-        "nonfinite_kind": jnp.where(has_bad, metrics["nonfinite_kind"][first], 0).astype(jnp.int32),
-    }
-    if "accuracy" in metrics:
-        out["accuracy"] = mean_over(ok, metrics["accuracy"])
-    if "recorded" in metrics:
-        rec = ok & metrics["recorded"]
-        for name in (*dg.LAYER_DIAGNOSTICS, "grad_norm_global"):
-            if name in metrics:
-                out[name] = mean_over(rec, metrics[name])
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("model", "cfg"))
-def evaluate(model: nn.Module, state: TrainState, x: ArrayLike, y: ArrayLike, cfg: TrainConfig) -> Metrics:
-    """Loss (and accuracy for classification) in evaluation mode (no dropout; BatchNorm's
-    running statistics), on the whole of x at once.
-
-    Args:
-      model: the linen module (static; hashed).
-      state: the train state.
-      x: inputs, shape (N, ...).
-      y: labels (N,) or targets.
-      cfg: the training config (static; `task`).
-
-    Returns:
-      {"loss": (), "accuracy": ()} (accuracy for classification only).
-    """
-    kw = {"train": False} if takes_train(model) else {}
-    out = model.apply(_variables(state.params, state.batch_stats), jnp.asarray(x), **kw)
-    loss, extra = task_loss(out, jnp.asarray(y), cfg.task)
-    return {"loss": loss, **extra}
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def epoch_batches(
-    x: ArrayLike, y: ArrayLike, data_key: jax.Array, epoch: ArrayLike, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
-    """Epoch `epoch`'s batches: a permutation drawn from `fold_in(data_key, epoch)`, remainder dropped.
-
-    A pure function of (data_key, epoch), so a resumed run sees the same batches.
-
-    Args:
-      x: inputs (N, ...); y: labels or targets (N, ...).
-      data_key: the run's data key (`run_keys(seed)[1]`).
-      epoch: epoch index (int or int32 tracer).
-      batch_size: examples per batch (static).
-
-    Returns:
-      (x_NbxBx..., y_NbxB...), Nb = N // batch_size.
-    """
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    n = x.shape[0]
-    nb = n // batch_size
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)[: nb * batch_size]
-    xb = jnp.take(x, perm, axis=0).reshape((nb, batch_size) + x.shape[1:])
-    yb = jnp.take(y, perm, axis=0).reshape((nb, batch_size) + y.shape[1:])
-    return xb, yb
