@@ -28,7 +28,7 @@ from gradflow.nn import ConvStack, GRUStack, LSTMStack, MLPStack, RNNStack, Tran
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
 from gradflow.train import Hparams, TrainConfig, init_variables, run_keys, sweep
-from gradflow.train.sweep import scale_kernels
+from gradflow.train.hparams import scale_kernels
 
 # The atlas's programs are small and run for seconds, so their time is mostly XLA compilation.
 # LLVM optimization level 1 instead of 2 compiles them ~25% faster on CPU, with the same run

@@ -4,6 +4,9 @@ from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
 from gradflow.train.diagnostics import Layout as Layout
 from gradflow.train.diagnostics import layout as layout
 from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
+from gradflow.train.hparams import Hparams as Hparams
+from gradflow.train.hparams import check_hparams as check_hparams
+from gradflow.train.hparams import grid as grid
 from gradflow.train.loop import epoch_batches as epoch_batches
 from gradflow.train.loop import evaluate as evaluate
 from gradflow.train.loop import make_train_epoch as make_train_epoch
@@ -18,11 +21,8 @@ from gradflow.train.state import run_keys as run_keys
 from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
 from gradflow.train.step import make_train_step as make_train_step
 from gradflow.train.step import task_loss as task_loss
-from gradflow.train.sweep import Hparams as Hparams
 from gradflow.train.sweep import SweepPoint as SweepPoint
 from gradflow.train.sweep import SweepResult as SweepResult
-from gradflow.train.sweep import check_hparams as check_hparams
-from gradflow.train.sweep import grid as grid
 from gradflow.train.sweep import ranked_rows as ranked_rows
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points

@@ -1,20 +1,22 @@
 """Many training runs in one compiled call: `jit(vmap(run))` over seeds and hyperparameters.
 
 A run is a pure function `run(hparams, data) -> (state, per-epoch metrics)` (purejaxrl style):
-initialization, an outer `lax.scan` over epochs whose body is the epoch `lax.scan` of
-`make_train_epoch`, per-epoch summaries and test metrics. What can vary inside one vmapped
-call (`Hparams`, one value per run) is numeric:
+initialization, then the epoch loop every trainer shares (`gradflow.train.loop.train_epochs`:
+an outer `lax.scan` over epochs, per-epoch summaries and test metrics). What can vary inside
+one vmapped call (`gradflow.train.hparams.Hparams`, one value per run) is numeric:
 
 - seed: initialization, shuffling and dropout (`run_keys(seed)`, as `train` uses);
 - lr: the peak learning rate, passed as `make_optimizer(cfg.optim, lr=lr)` (closure, not state);
-- weight_scale: multiplies every kernel of the blocks after initialization, so a model whose
-  `kernel_init` has variance sigma_w^2 / fan_in runs at (weight_scale * sigma_w)^2 / fan_in;
+- weight_scale: multiplies every kernel of the blocks after initialization (`scale_kernels`),
+  so a model whose `kernel_init` has variance sigma_w^2 / fan_in runs at
+  (weight_scale * sigma_w)^2 / fan_in;
 - clip_value: the threshold of `cfg.optim.clip` ("value", "global_norm", "adaptive"), passed
   as `make_optimizer(cfg.optim, clip_value=...)` (ignored when `cfg.optim.clip` is None).
 
 What changes the program (activation, depth, width, optimizer kind, task, epochs, batch size)
-cannot be vmapped: `sweep_points` groups the points by structure (model equality and the
-config with seed, lr and clip_value blanked) and runs one vmapped call per group. The compiled
+cannot be vmapped: `sweep_points` groups the points by structure (model equality and
+`TrainConfig.structure()`, the config with seed, lr and clip_value blanked) and runs one vmapped
+call per group. The compiled
 call is cached per structure, so a second sweep of the same structure does not recompile.
 
 Devices. With more than one device (`jax.devices()`, every process's after
@@ -30,9 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,84 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jax.typing import ArrayLike
 
 from gradflow import distributed
 from gradflow.optim import make_optimizer
-from gradflow.train.diagnostics import Layout, layout
+from gradflow.train.diagnostics import layout
+from gradflow.train.hparams import Hparams, check_hparams, scale_kernels
 from gradflow.train.loop import train_epochs
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, init_variables, run_keys
 
 Data = tuple[Any, Any, Any, Any]
 _AXIS = "runs"  # the vmap axis of `sweep`
-
-
-class Hparams(NamedTuple):
-    """Per-run numeric hyperparameters; in a sweep each field has shape (S,).
-
-    Attributes:
-      seed: int32 seeds.
-      lr: float32 peak learning rates.
-      weight_scale: float32 multipliers of the blocks' kernels at init.
-      clip_value: float32 clipping thresholds (used when `cfg.optim.clip` is set).
-    """
-
-    seed: Any
-    lr: Any
-    weight_scale: Any
-    clip_value: Any
-
-
-def grid(
-    cfg: TrainConfig,
-    *,
-    seeds: Sequence[int] | None = None,
-    lr: Sequence[float] | None = None,
-    weight_scale: Sequence[float] | None = None,
-    clip_value: Sequence[float] | None = None,
-) -> Hparams:
-    """The Cartesian product of the given values (defaults: the config's own), seeds varying fastest.
-
-    Returns:
-      `Hparams` of numpy arrays of shape (S,), S the product of the lengths.
-    """
-    axes = [
-        list(lr if lr is not None else [cfg.optim.lr]),
-        list(weight_scale if weight_scale is not None else [1.0]),
-        list(clip_value if clip_value is not None else [cfg.optim.clip_value]),
-        list(seeds if seeds is not None else [cfg.seed]),
-    ]
-    rows = list(itertools.product(*axes))
-    col = lambda i, dt: np.asarray([r[i] for r in rows], dt)  # noqa: E731
-    return Hparams(
-        seed=col(3, np.int32),
-        lr=col(0, np.float32),
-        weight_scale=col(1, np.float32),
-        clip_value=col(2, np.float32),
-    )
-
-
-def scale_kernels(params: Any, scale: ArrayLike, lay: Layout | None = None) -> Any:
-    """Multiply the kernels of the model's layers by `scale`: those of `lay.layers` (a stack's
-    blocks; every layer of an adapted model; every entry of a recurrent stack), or every kernel
-    of `params` without a layout."""
-
-    def scaled(tree):
-        return {
-            k: scaled(v) if isinstance(v, Mapping) else (v * scale if k == "kernel" else v)
-            for k, v in tree.items()
-        }
-
-    def replace(tree, path):
-        head, *rest = path
-        return {**tree, head: scaled(dict(tree[head])) if not rest else replace(dict(tree[head]), rest)}
-
-    if lay is None:
-        return scaled(dict(params))
-    params = dict(params)
-    for path, _, _ in lay.layers:
-        params = replace(params, path)
-    return params
 
 
 def make_run(
@@ -288,24 +221,6 @@ def _compiled_run(
         return jax.jit(vrun, compiler_options=options)
     sharding = NamedSharding(distributed.mesh(devices), P(distributed.AXIS))
     return jax.jit(vrun, out_shardings=sharding, compiler_options=options)
-
-
-def check_hparams(hp: Hparams, cfg: TrainConfig) -> None:
-    """Raise a ValueError naming the first bad field of `hp` (lr finite and > 0, weight_scale
-    finite, seeds integers >= 0, clip_value > 0 when clipping), before anything trains."""
-    rules = {  # name: (values, which are fine, what is required)
-        "lr": (hp.lr, lambda a: np.isfinite(a) & (a > 0), "finite and > 0"),
-        "weight_scale": (hp.weight_scale, np.isfinite, "finite"),
-        "seed": (np.asarray(hp.seed), lambda a: (a >= 0) & (a == np.round(a)), "integers >= 0"),
-    }
-    if cfg.optim.clip is not None:
-        # inf is a threshold too: no clipping (the unclipped arm of a clipping sweep)
-        rules["clip_value"] = (hp.clip_value, lambda a: a > 0, "> 0 (inf: no clipping)")
-    for name, (values, ok, required) in rules.items():
-        values = np.asarray(values)
-        bad = values[~ok(values)]
-        if bad.size:
-            raise ValueError(f"hparams.{name} must be {required}, got {bad.tolist()}")
 
 
 def sweep(
