@@ -447,7 +447,7 @@ def _print_sweep_table(rows: list[dict], cfg: TrainConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gradflow.train.sweep import ranked_table
+    from gradflow.train.results import ranked_table
 
     given = ["seed", "lr", *(["weight_scale"] if len({r["weight_scale"] for r in rows}) > 1 else [])]
     given += ["clip_value"] if cfg.optim.clip is not None else []

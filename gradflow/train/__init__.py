@@ -11,7 +11,9 @@ from gradflow.train.loop import epoch_batches as epoch_batches
 from gradflow.train.loop import evaluate as evaluate
 from gradflow.train.loop import make_train_epoch as make_train_epoch
 from gradflow.train.loop import summarize_epoch as summarize_epoch
-from gradflow.train.run import TrainResult as TrainResult
+from gradflow.train.results import SweepResult as SweepResult
+from gradflow.train.results import TrainResult as TrainResult
+from gradflow.train.results import ranked_rows as ranked_rows
 from gradflow.train.run import fit as fit
 from gradflow.train.state import TrainConfig as TrainConfig
 from gradflow.train.state import TrainState as TrainState
@@ -22,8 +24,6 @@ from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
 from gradflow.train.step import make_train_step as make_train_step
 from gradflow.train.step import task_loss as task_loss
 from gradflow.train.sweep import SweepPoint as SweepPoint
-from gradflow.train.sweep import SweepResult as SweepResult
-from gradflow.train.sweep import ranked_rows as ranked_rows
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points
 

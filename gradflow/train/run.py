@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import shutil
@@ -46,75 +45,10 @@ from gradflow.optim import make_optimizer
 from gradflow.store import RunStore, fingerprint
 from gradflow.train.diagnostics import NONFINITE_KINDS, layout
 from gradflow.train.loop import evaluate, make_epoch
+from gradflow.train.results import TrainResult, grad_ratio
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys
 
 Data = tuple[Any, Any, Any, Any]
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What `train` returns.
-
-    Attributes:
-      state: the final `TrainState` (the last finite one if the run stopped on a NaN/Inf).
-      history: one record per epoch, the dicts written to metrics.jsonl.
-      test: final evaluation on the test set ({} without test data).
-      stopped: the run ended early on a non-finite step (`on_nonfinite="stop"`).
-      nonfinite: the first non-finite step, {"epoch", "step", "layer", "layer_name", "kind"},
-        or None.
-      layer_names: the layer order used to report non-finite values (diagnostics module).
-      diagnostic_layers: the layers of the per-layer diagnostics (the records' lists).
-      omitted: per-layer diagnostics not recorded for this model, name -> reason.
-      run_dir: where the records are, or None.
-      interrupted: Ctrl-C stopped the run after the last epoch in `history` (recorded and
-        checkpointed: a rerun with the same arguments resumes there).
-    """
-
-    state: TrainState
-    history: list[dict]
-    test: dict[str, float]
-    stopped: bool
-    nonfinite: dict | None
-    layer_names: list[str]
-    diagnostic_layers: list[str] = dataclasses.field(default_factory=list)
-    omitted: dict[str, str] = dataclasses.field(default_factory=dict)
-    run_dir: Path | None = None
-    interrupted: bool = False
-
-    @property
-    def skipped(self) -> int:
-        """Steps whose update was not applied (non-finite), over the whole run."""
-        return sum(r["skipped"] for r in self.history)
-
-    def _repr_html_(self) -> str:
-        """In Jupyter: the epochs (up to 12), how the run ended, and the loss and per-layer
-        gradient-norm figure."""
-        from gradflow import _html, plots
-
-        cols = [
-            c
-            for c in ("loss", "accuracy", "test_loss", "test_accuracy")
-            if self.history and c in self.history[0]
-        ]
-        idx = np.unique(np.linspace(0, len(self.history) - 1, min(12, len(self.history))).astype(int))
-        rows = []
-        for i in idx if self.history else ():
-            r = self.history[i]
-            ratio = "" if (q := _grad_ratio(r)) is None else f"{q:.3g}"
-            rows.append([r["epoch"], *(f"{r[c]:.4g}" for c in cols), ratio, r["skipped"]])
-        if self.nonfinite is not None:
-            nf = self.nonfinite
-            end = (
-                f"non-finite {nf['kind']} at epoch {nf['epoch']}, step {nf['step']}, layer {nf['layer_name']}"
-            )
-        else:
-            end = "interrupted (a rerun resumes)" if self.interrupted else "finished"
-        test = ", ".join(f"test {k} {v:.4g}" for k, v in self.test.items())
-        caption = f"training run, {len(self.history)} epochs: {end}" + (f"; {test}" if test else "")
-        out = _html.table(["epoch", *cols, "grad layer 1 / last", "skipped"], rows, caption)
-        if self.history:
-            out += _html.figure(plots.train_run_figure(self.history, self.diagnostic_layers))
-        return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -209,23 +143,8 @@ def _record(epoch: int, summary: dict, names: list[str], seconds: float) -> dict
     return rec
 
 
-def _grad_ratio(rec: dict) -> float | None:
-    """Layer 1's gradient norm over the last layer's in a record, where both are finite and nonzero."""
-    g = rec.get("grad_norm")
-    if (
-        not g
-        or g[0] is None
-        or g[-1] is None
-        or not math.isfinite(g[0])
-        or not math.isfinite(g[-1])
-        or g[-1] == 0
-    ):
-        return None
-    return g[0] / g[-1]
-
-
 def _health(rec: dict) -> str:
-    ratio = _grad_ratio(rec)
+    ratio = grad_ratio(rec)
     return "" if ratio is None else f" | grad first/last {ratio:.2e}"
 
 
