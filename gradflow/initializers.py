@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradflow import _quadrature, activations
+from gradflow import activations
+from gradflow.theory import quadrature as _quadrature
 
 Initializer = Callable[..., jax.Array]
 _jinit = jax.nn.initializers

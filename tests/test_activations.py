@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradflow import _quadrature, activations
+from gradflow import activations
 from gradflow.numerics import x64
+from gradflow.theory import quadrature as _quadrature
 
 REQUIRED = [
     "identity", "linear", "sigmoid", "tanh", "hard_tanh", "relu", "leaky_relu", "elu", "selu",

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradflow import _quadrature
 from gradflow import theory as T
+from gradflow.theory import quadrature as _quadrature
 
 
 @jax.jit

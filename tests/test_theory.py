@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize
 
-from gradflow import _quadrature, activations
+from gradflow import activations
 from gradflow import initializers as I
 from gradflow import theory as T
+from gradflow.theory import quadrature as _quadrature
 
 SQRT2 = math.sqrt(2.0)
 

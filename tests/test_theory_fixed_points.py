@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize
 
-from gradflow import _quadrature, activations
+from gradflow import activations
 from gradflow import initializers as I
 from gradflow import theory as T
+from gradflow.theory import quadrature as _quadrature
 
 ELEMENTWISE = [n for n in activations._REGISTRY if activations._REGISTRY[n].elementwise]
 SIGMA_B = (0.0, 0.05, 0.3)

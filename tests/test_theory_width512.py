@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradflow import _quadrature, activations
+from gradflow import activations
 from gradflow import theory as T
+from gradflow.theory import quadrature as _quadrature
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from gradflow import _quadrature, theory
+from gradflow import theory
 from gradflow._checks import check_subset
+from gradflow.theory import quadrature
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
 
@@ -210,7 +211,7 @@ def unavailable(case: Case) -> str | None:
 
 @functools.cache
 def _critical(activation: str) -> float:
-    return _quadrature.precise(theory.critical_sigma_w, activation, 0.0)
+    return quadrature.precise(theory.critical_sigma_w, activation, 0.0)
 
 
 def sigma_w(activation: str, init: str, width: int) -> float:
@@ -247,13 +248,13 @@ def mean_field_rate(case: Case, width: int, h0_mean_square: float | None = None)
     if case.arch == "layernorm":
         return None
     if case.arch == "batchnorm":
-        rate = math.log(_quadrature.precise(theory.batchnorm_gradient_growth, case.activation))
+        rate = math.log(quadrature.precise(theory.batchnorm_gradient_growth, case.activation))
     elif h0_mean_square is None:
         sw = sigma_w(case.activation, case.init, width)
-        rate = math.log(_quadrature.precise(theory.chi1, case.activation, sw, 0.0))
+        rate = math.log(quadrature.precise(theory.chi1, case.activation, sw, 0.0))
     else:
         sw = sigma_w(case.activation, case.init, width)
-        with _quadrature.x64():
+        with quadrature.x64():
             _, chi = theory.length_trajectory(case.activation, sw, 0.0, sw**2 * h0_mean_square, case.depth)
             rate = float(jnp.mean(jnp.log(chi)))
     return 0.0 if abs(rate) < 1e-9 else rate  # 0 within the float64 quadrature's accuracy

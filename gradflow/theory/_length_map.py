@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradflow import _quadrature
+from gradflow.theory import quadrature
 
 Q_MIN, Q_MAX = 1e-30, 1e30  # q is clamped here; beyond them q* is reported as 0 or +inf
 _S_MIN, _S_MAX = float(np.log(Q_MIN)), float(np.log(Q_MAX))
@@ -56,7 +56,7 @@ def tolerance(dtype) -> jax.Array:
 
 def log_gap(fn: Callable, kinks: tuple[float, ...], s, sigma_w, sigma_b):
     """r(s) = log L(e^s) - s, the log step of the length map from q = e^s."""
-    lq = sigma_w**2 * _quadrature.gaussian_expectation(lambda u: fn(u) ** 2, jnp.exp(s), kinks) + sigma_b**2
+    lq = sigma_w**2 * quadrature.gaussian_expectation(lambda u: fn(u) ** 2, jnp.exp(s), kinks) + sigma_b**2
     return jnp.log(lq) - s
 
 

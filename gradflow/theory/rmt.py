@@ -1,8 +1,8 @@
 """Random-matrix, finite-width and residual-network results that need no mean-field fixed point.
 
-Private: `gradflow.theory` re-exports the public names. Everything here is closed form (or a
-parametric curve) in the depth, the widths and the weight ensemble; the activation enters only
-through `gradflow.theory`, which owns the fixed points.
+`gradflow.theory` re-exports the public names. Everything here is closed form (or a parametric
+curve) in the depth, the widths and the weight ensemble; the activation enters only through
+`gradflow.theory.mean_field`, which owns the fixed points.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 from jax.scipy.special import digamma, polygamma
 from jax.typing import ArrayLike
 
-from gradflow import _quadrature
 from gradflow._checks import check_int
+from gradflow.theory import quadrature
 
 Array = jax.Array
 
@@ -75,12 +75,12 @@ def fuss_catalan_density(depth: int, num: int = 2001) -> tuple[Array, Array]:
       (x, density), each shape (num,), x increasing: nodes uniform in phi, from just above 0
       (where the density diverges like x^(-L/(L+1)) and the mass per node is uniform) to the
       upper edge (density 0; the square-root edge gets quadratically spaced nodes). Float64 under
-      `_quadrature.x64()`; in float32 the smallest nodes underflow for depth >~ 20.
+      `quadrature.x64()`; in float32 the smallest nodes underflow for depth >~ 20.
     """
     depth = check_int("depth", depth, 1)
     num = check_int("num", num, 3)
     s = depth
-    with _quadrature.x64():
+    with quadrature.x64():
         phi = (math.pi / (s + 1)) * jnp.arange(1, num, dtype=jnp.float64) / num
         sin1, sins, sins1 = jnp.sin(phi), jnp.sin(s * phi), jnp.sin((s + 1) * phi)
         x = sins1 ** (s + 1) / (sin1 * sins**s)
@@ -141,7 +141,7 @@ def relu_jacobian_norm_stats(widths: Sequence[int]) -> ReluJacobianStats:
     mean = second = 1.0
     log_mean = log_var = 0.0
     p_alive = 1.0
-    with _quadrature.x64():
+    with quadrature.x64():
         for n_in, n in zip(widths[:-1], widths[1:], strict=True):
             mean *= n / n_in
             second *= (n * n + 5 * n) / n_in**2
