@@ -18,9 +18,9 @@ from gradflow.train import (
     make_train_epoch,
     make_train_step,
     run_keys,
-    summarize_epoch,
 )
 from gradflow.train import layout as train_layout
+from gradflow.train.loop import summarize_epoch
 
 
 def _hand_forward(params, x, deltas, phi, state_deltas=None):

@@ -1,16 +1,20 @@
-"""Training: state, pure step with in-jit diagnostics, run loop with records and resume, sweeps."""
+"""Training: state, pure step with in-jit diagnostics, the epoch loop, run with records and
+resume, vmapped sweeps.
+
+The public surface is `__all__`: what users (the README, experiments, examples, the CLI) call.
+The rest is imported from its submodule: `state`, `step`, `diagnostics`, `loop` (the epoch loop),
+`run` (`fit`), `hparams`, `sweep`, `results`, `tensorboard`.
+"""
 
 from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
-from gradflow.train.diagnostics import Layout as Layout
-from gradflow.train.diagnostics import layout as layout
-from gradflow.train.diagnostics import step_diagnostics as step_diagnostics
 from gradflow.train.hparams import Hparams as Hparams
 from gradflow.train.hparams import check_hparams as check_hparams
 from gradflow.train.hparams import grid as grid
+from gradflow.train.layers import Layout as Layout
+from gradflow.train.layers import layout as layout
 from gradflow.train.loop import epoch_batches as epoch_batches
 from gradflow.train.loop import evaluate as evaluate
 from gradflow.train.loop import make_train_epoch as make_train_epoch
-from gradflow.train.loop import summarize_epoch as summarize_epoch
 from gradflow.train.results import SweepResult as SweepResult
 from gradflow.train.results import TrainResult as TrainResult
 from gradflow.train.results import ranked_rows as ranked_rows
@@ -20,9 +24,7 @@ from gradflow.train.state import TrainState as TrainState
 from gradflow.train.state import init_state as init_state
 from gradflow.train.state import init_variables as init_variables
 from gradflow.train.state import run_keys as run_keys
-from gradflow.train.step import LAYER_DIAGNOSTICS as LAYER_DIAGNOSTICS
 from gradflow.train.step import make_train_step as make_train_step
-from gradflow.train.step import task_loss as task_loss
 from gradflow.train.sweep import SweepPoint as SweepPoint
 from gradflow.train.sweep import sweep as sweep
 from gradflow.train.sweep import sweep_points as sweep_points
@@ -31,27 +33,23 @@ __all__ = [
     "NONFINITE_KINDS",
     "Layout",
     "layout",
-    "step_diagnostics",
+    "Hparams",
+    "check_hparams",
+    "grid",
+    "epoch_batches",
+    "evaluate",
+    "make_train_epoch",
+    "SweepResult",
     "TrainResult",
+    "ranked_rows",
     "fit",
     "TrainConfig",
     "TrainState",
     "init_state",
     "init_variables",
     "run_keys",
-    "LAYER_DIAGNOSTICS",
-    "epoch_batches",
-    "evaluate",
-    "make_train_epoch",
     "make_train_step",
-    "summarize_epoch",
-    "task_loss",
-    "Hparams",
     "SweepPoint",
-    "SweepResult",
-    "check_hparams",
-    "grid",
-    "ranked_rows",
     "sweep",
     "sweep_points",
 ]

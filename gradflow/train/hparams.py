@@ -19,7 +19,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from gradflow.nn.chains import kernel_paths
-from gradflow.train.diagnostics import Layout
+from gradflow.train.layers import Layout
 from gradflow.train.state import TrainConfig
 
 

@@ -24,7 +24,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from gradflow.nn.chains import takes_train
-from gradflow.train.diagnostics import LAYER_DIAGNOSTICS
+from gradflow.train.layers import LAYER_DIAGNOSTICS
 from gradflow.train.state import TrainConfig, TrainState
 from gradflow.train.step import Batch, Metrics, make_train_step, model_variables, task_loss
 

@@ -43,7 +43,8 @@ import orbax.checkpoint as ocp
 from gradflow._interrupt import deferred_interrupt
 from gradflow.optim import make_optimizer
 from gradflow.store import RunStore, fingerprint
-from gradflow.train.diagnostics import NONFINITE_KINDS, layout
+from gradflow.train.diagnostics import NONFINITE_KINDS
+from gradflow.train.layers import layout
 from gradflow.train.loop import evaluate, make_epoch
 from gradflow.train.results import TrainResult, grad_ratio
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys

@@ -47,11 +47,11 @@ from jax.typing import ArrayLike
 
 from gradflow.nn.chains import cut_shapes, perturbed_apply, takes_train
 from gradflow.train import diagnostics as dg
+from gradflow.train import layers as ly
 from gradflow.train.state import TrainConfig, TrainState
 
 Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
-LAYER_DIAGNOSTICS = dg.LAYER_DIAGNOSTICS
 
 
 def task_loss(out: jax.Array, y: jax.Array, task: str) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,15 +110,15 @@ def make_train_step(
       `done=True` makes the step a no-op on the state (the stopped runs of an epoch).
     """
     k = cfg.diagnostics_every
-    phi = dg.activation_fn(model)
+    phi = ly.activation_fn(model)
     cache: dict = {}
     train_kw = {"train": True} if takes_train(model) else {}
 
-    def layout(params, batch_stats, x) -> dg.Layout:
+    def layout(params, batch_stats, x) -> ly.Layout:
         # The model's layers, asked of its chain once per input shape (structure only).
         key = ("layout", x.shape, x.dtype)
         if key not in cache:
-            cache[key] = dg.layout(model, model_variables(params, batch_stats), x)
+            cache[key] = ly.layout(model, model_variables(params, batch_stats), x)
         return cache[key]
 
     def apply(params, batch_stats, x, key, perturbations=None, sow=False):
@@ -199,7 +199,7 @@ def make_train_step(
         out = (ok, loss, extra, grads, params, new_vars.get("batch_stats", state.batch_stats), opt_state)
         if k == 0:
             return out, {}
-        return out, dg.blank_diagnostics(layout(state.params, state.batch_stats, x))
+        return out, ly.blank_diagnostics(layout(state.params, state.batch_stats, x))
 
     def diag_step(state, x, y, key, done):
         lay = layout(state.params, state.batch_stats, x)
@@ -213,8 +213,8 @@ def make_train_step(
         if lay.cuts is not None:
             state_grads, preact_grads = [g[None] for g in pgrads], None
         else:
-            state_grads = _perturbed(lay, pgrads, dg.STATE)
-            preact_grads = _perturbed(lay, pgrads, dg.PREACT) if lay.preact else None
+            state_grads = _perturbed(lay, pgrads, ly.STATE)
+            preact_grads = _perturbed(lay, pgrads, ly.PREACT) if lay.preact else None
         diagnostics = dg.step_diagnostics(
             lay, state.params, grads, updates, state_grads, preact_grads, preacts, phi
         )
@@ -277,14 +277,14 @@ def _where(pred: ArrayLike, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
 
 
-def _sown(lay: dg.Layout, intermediates: Any) -> list[jax.Array] | None:
+def _sown(lay: ly.Layout, intermediates: Any) -> list[jax.Array] | None:
     """The pre-activations sown by a stack's blocks, one (L_i, B, ..., W) per sown entry, or None."""
     if not lay.preact:
         return None
-    return [_layered(intermediates[k][dg.PREACT][0], stacked) for k, stacked in lay.sown]
+    return [_layered(intermediates[k][ly.PREACT][0], stacked) for k, stacked in lay.sown]
 
 
-def _perturbed(lay: dg.Layout, grads: Any, name: str) -> list[jax.Array] | None:
+def _perturbed(lay: ly.Layout, grads: Any, name: str) -> list[jax.Array] | None:
     """The gradients of the blocks' perturbation `name`, one (L_i, B, ...) per sown entry, or None."""
     if not lay.sown:
         return None

@@ -44,8 +44,8 @@ from jax.sharding import PartitionSpec as P
 
 from gradflow import distributed
 from gradflow.optim import make_optimizer
-from gradflow.train.diagnostics import layout
 from gradflow.train.hparams import Hparams, check_hparams, scale_kernels
+from gradflow.train.layers import layout
 from gradflow.train.loop import train_epochs
 from gradflow.train.results import SweepResult
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, init_variables, run_keys
