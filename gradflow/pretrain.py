@@ -55,17 +55,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow._checks import check_bool, check_int
+from gradflow._autoencoder import LayerFit as LayerFit
+from gradflow._autoencoder import at
+from gradflow._autoencoder import pretrain_layer as pretrain_layer
+from gradflow._checks import check_bool, check_choice, check_int, check_real
 from gradflow.nn.chains import (
     WHOLE,
     Chain,
@@ -87,7 +89,6 @@ from gradflow.train.step import task_loss
 CORRUPTIONS = ("mask", "gaussian")
 DECODER_ACTIVATIONS = ("mirror", "linear")
 Params = Any
-Encoder = Callable[[Params, jax.Array], jax.Array]
 Data = tuple[Any, Any, Any, Any]
 
 
@@ -128,45 +129,12 @@ class PretrainConfig:
         check_int("PretrainConfig.batch_size", self.batch_size, 1)
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"PretrainConfig.optim must be an OptimConfig, got {self.optim!r}")
-        if self.corruption not in CORRUPTIONS:
-            raise ValueError(
-                f"PretrainConfig.corruption must be one of {CORRUPTIONS}, got {self.corruption!r}"
-            )
+        check_choice("PretrainConfig.corruption", self.corruption, CORRUPTIONS)
         hi = 1.0 if self.corruption == "mask" else math.inf
-        ok = isinstance(self.noise, int | float) and not isinstance(self.noise, bool)
-        if not (ok and math.isfinite(self.noise) and 0.0 <= self.noise < hi):
-            raise ValueError(
-                f"PretrainConfig.noise must be a finite number in [0, {hi}) for "
-                f"corruption={self.corruption!r}, got {self.noise!r}"
-            )
+        check_real(f"PretrainConfig.noise (corruption={self.corruption!r})", self.noise, lo=0.0, hi=hi)
         check_bool("PretrainConfig.tied", self.tied)
-        if self.decoder_activation not in DECODER_ACTIVATIONS:
-            raise ValueError(
-                f"PretrainConfig.decoder_activation must be one of {DECODER_ACTIVATIONS}, "
-                f"got {self.decoder_activation!r}"
-            )
+        check_choice("PretrainConfig.decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
         check_int("PretrainConfig.seed", self.seed, 0)
-
-
-class LayerFit(NamedTuple):
-    """What `pretrain_layer` returns.
-
-    Attributes:
-      params: the encoder's trained parameters (same tree as given).
-      decoder: the trained decoder's parameters ({"kernel", "bias"}, or {"bias"} when tied).
-      losses: (steps,) minibatch reconstruction loss before each update (corrupted input).
-      loss_before, loss_after: () full-data reconstruction MSE of the clean input at the start
-        (given encoder, fresh decoder) and at the end.
-      input_var: () the input's variance per unit, averaged over units: the MSE of the best
-        constant reconstruction, so loss / input_var is the fraction of variance unexplained.
-    """
-
-    params: Params
-    decoder: Params
-    losses: jax.Array
-    loss_before: jax.Array
-    loss_after: jax.Array
-    input_var: jax.Array
 
 
 class PretrainResult(NamedTuple):
@@ -191,90 +159,10 @@ class PretrainResult(NamedTuple):
     layers: tuple[str, ...] = ()
 
 
-def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
-    if cfg.noise == 0:
-        return h
-    if cfg.corruption == "mask":
-        return jnp.where(jax.random.bernoulli(key, 1.0 - cfg.noise, h.shape), h, 0.0).astype(h.dtype)
-    return h + cfg.noise * jax.random.normal(key, h.shape, h.dtype)
-
-
-def _kernel(params: Params) -> jax.Array:
-    """The encoder's one kernel (a Dense's own, or a block's dense layer's)."""
-    (path,) = kernel_paths(params)
-    for key in path:
-        params = params[key]
-    return params
-
-
-def _decode(decoder: Params, enc_params: Params, z: jax.Array, tied: bool, shape: tuple) -> jax.Array:
-    """psi-less decoder z W' + c on the flattened state, reshaped to the input's shape."""
-    kernel = _kernel(enc_params).T if tied else decoder["kernel"]
-    return (z.reshape(z.shape[0], -1) @ kernel + decoder["bias"][None, :]).reshape(shape)
-
-
-def _identity(z: jax.Array) -> jax.Array:
-    return z
-
-
-def pretrain_layer(
-    encode: Encoder,
-    params: Params,
-    h_NxD: ArrayLike,
-    cfg: PretrainConfig,
-    key: jax.Array,
-    *,
-    output_fn: Callable[[jax.Array], jax.Array] | None = None,
-) -> LayerFit:
-    """Train one layer as an autoencoder of its input `h_NxD`; pure, jit it outside.
-
-    Args:
-      encode: the layer, `encode(params, h_BxD) -> z_BxW`.
-      params: its parameters (the encoder's; only these and the decoder's are trained).
-      h_NxD: the layer's input on the whole training set, shape (N, D) (or (N, ...), decoded
-        flat), N >= batch_size.
-      cfg: the pretraining config (`steps_per_layer`, `batch_size`, `optim`, `noise`,
-        `corruption`, `tied`; `seed` is not read: the key is given).
-      key: typed PRNG key of this layer, split into the decoder's init key and a data key;
-        step t's batch and corruption come from `fold_in(data_key, t)`.
-      output_fn: the decoder's output activation, r = output_fn(z W' + c); None: linear.
-
-    Returns:
-      A `LayerFit`.
-    """
-    h = jnp.asarray(h_NxD)
-    n, d = h.shape[0], math.prod(h.shape[1:])
-    width = math.prod(jax.eval_shape(encode, params, h[:1]).shape[1:])
-    dec_key, data_key = jax.random.split(key)
-    decoder = {"bias": jnp.zeros((d,), h.dtype)}
-    if not cfg.tied:
-        decoder["kernel"] = nn.initializers.lecun_normal()(dec_key, (width, d), h.dtype)
-    tx = make_optimizer(cfg.optim)
-    out_fn = _identity if output_fn is None else output_fn
-
-    def loss_fn(theta, x_in, target):
-        z = encode(theta["encoder"], x_in)
-        recon = out_fn(_decode(theta["decoder"], theta["encoder"], z, cfg.tied, x_in.shape))
-        return jnp.mean((recon - target) ** 2)
-
-    def step(carry, t):
-        theta, opt_state = carry
-        idx_key, noise_key = jax.random.split(jax.random.fold_in(data_key, t))
-        batch = h[jax.random.randint(idx_key, (cfg.batch_size,), 0, n)]
-        loss, grads = jax.value_and_grad(loss_fn)(theta, _corrupt(noise_key, batch, cfg), batch)
-        updates, opt_state = tx.update(grads, opt_state, theta)
-        return (optax.apply_updates(theta, updates), opt_state), loss
-
-    theta0 = {"encoder": params, "decoder": decoder}
-    (theta, _), losses = lax.scan(step, (theta0, tx.init(theta0)), jnp.arange(cfg.steps_per_layer))
-    return LayerFit(
-        params=theta["encoder"],
-        decoder=theta["decoder"],
-        losses=losses,
-        loss_before=loss_fn(theta0, h, h),
-        loss_after=loss_fn(theta, h, h),
-        input_var=jnp.mean(jnp.var(h, axis=0)),
-    )
+def _blank_seed(cfg: Any) -> Any:
+    """`cfg` (a `PretrainConfig` or `TrainConfig`) with its seed, which the jitted program takes as
+    a traced argument, blanked: the static part that keys jit's cache, so no seed recompiles."""
+    return dataclasses.replace(cfg, seed=0)
 
 
 def check_supported(model: Any) -> None:
@@ -416,7 +304,7 @@ def pretrain(
     for s, i, _ in greedy:
         seg = c.segments[s]
         kernels = kernel_paths(layer_variables(variables, seg, i))
-        shapes = [jnp.shape(_at(layer_variables(variables, seg, i), k)) for k in kernels]
+        shapes = [jnp.shape(at(layer_variables(variables, seg, i), k)) for k in kernels]
         if len(kernels) != 1 or (cfg.tied and len(shapes[0]) != 2):
             raise ValueError(
                 f"layer {seg.names[i]!r} has kernels of shapes {shapes}: pretraining needs one kernel per "
@@ -429,15 +317,9 @@ def pretrain(
         raise ValueError(
             f"num_layers must be an integer in [1, {total}] (the greedy layers), got {num_layers!r}"
         )
-    static = dataclasses.replace(cfg, seed=0)
+    static = _blank_seed(cfg)
     result = _pretrain(model, layers, params, x, static, jnp.int32(cfg.seed), jnp.int32(num_layers))
     return result._replace(layers=tuple(c.segments[s].names[i] for s, i, _ in greedy))
-
-
-def _at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 @functools.partial(jax.jit, static_argnames=("model", "task"))
@@ -482,7 +364,7 @@ def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> 
       program serves every `cfg.seed`.
     """
     check_data(model, cfg, tuple(data))
-    static = dataclasses.replace(cfg, seed=0)
+    static = _blank_seed(cfg)
     return _finetune(model, params, static, tuple(data), jnp.int32(cfg.seed))
 
 
