@@ -27,7 +27,7 @@ from gradflow.train.state import TrainConfig
 
 Flat = tyro.conf.OmitArgPrefixes
 DATASETS = ("mnist1d", "digits", "adding")
-INPUTS = ("mnist1d", "random")
+INPUTS = ("mnist1d", "digits", "random")
 _SWEEP_FILES = ("results.json", "results.csv", "epochs.npz", "grad_norms.png")  # of a finished sweep
 
 
@@ -61,7 +61,8 @@ class Spectra:
     direction: str = "forward"
     """"forward" (J_l = dh_l/dh_0) or "backward" (G_l = dh_L/dh_l)."""
     input: str = "mnist1d"
-    """the input the Jacobian is taken at: an MNIST-1D example or a standard normal vector."""
+    """the input the Jacobian is taken at: an MNIST-1D example (40 values), a digits image (8 x 8:
+    what a 2-D conv stack reads) or a standard normal vector of 40 values."""
     seed: int = 0
     out: str = "runs/spectra"
     """output directory: spectra.npz, spectra.png, summary.json."""
@@ -81,7 +82,9 @@ class Train:
     model: StackConfig = StackConfig()
     train: TrainConfig = TrainConfig(epochs=5)
     dataset: str = "mnist1d"
-    """mnist1d or digits (classification), adding (regression; recurrent stacks, T = model.seq_len)."""
+    """mnist1d or digits (classification), adding (regression; recurrent stacks, T = model.seq_len).
+    A conv stack reads an example as a sequence (spatial_dims 1) or a square image (2: digits'
+    8 x 8), a Transformer as model.tokens float tokens (MNIST-1D's 40 samples as 8 tokens of 5)."""
     num_samples: int = 4000
     out: str = "runs/train"
     """run directory: config.json, metrics.jsonl, checkpoints, loss.png, grad_norms.png."""
@@ -159,9 +162,36 @@ def _dataset(name: str, num_samples: int, model: StackConfig, seed: int):
             raise ValueError("dataset 'adding' needs a recurrent model (--model.kind rnn|lstm|gru)")
         return data.adding_problem(seq_len=model.seq_len, num_samples=num_samples, seed=seed), "regression"
     ds = data.mnist1d(seed=seed, num_samples=num_samples) if name == "mnist1d" else data.digits(seed=seed)
-    if recurrent:  # a sequence of scalars: (N, T, 1)
-        ds = dataclasses.replace(ds, x_train=ds.x_train[..., None], x_test=ds.x_test[..., None])
-    return ds, "classification"
+    layout = lambda x: _examples(model, x, name)  # noqa: E731
+    return dataclasses.replace(ds, x_train=layout(ds.x_train), x_test=layout(ds.x_test)), "classification"
+
+
+def _examples(model: StackConfig, x, source: str):
+    """Flat examples (N, F) as `model` reads them: a recurrent stack a sequence of scalars (N, F, 1),
+    a 2-D conv stack square images (N, n, n), a Transformer model.num_tokens float tokens (N, T, F / T):
+    the atlas's reading of an MNIST-1D signal (`gradflow.atlas.measure`: SIGNAL samples as TOKENS
+    tokens); MLPs and 1-D conv stacks (N, F). `source` names the data in errors."""
+    n, features = x.shape
+    if model.recurrent:
+        return x[..., None]
+    if model.kind == "conv" and model.spatial_dims == 2:
+        side = round(features**0.5)
+        if side * side != features:
+            raise ValueError(
+                f"spatial_dims=2 reads an example as a square image, but a {source} example has {features} "
+                "values; use --dataset digits / --input digits (8 x 8 images) or spatial_dims 1"
+            )
+        return x.reshape(n, side, side)
+    if model.kind == "transformer":
+        tokens = model.num_tokens
+        if features % tokens:
+            divisors = [d for d in range(1, features + 1) if features % d == 0]
+            raise ValueError(
+                f"tokens={tokens} does not divide the {features} values of a {source} example; "
+                f"use tokens among {divisors}"
+            )
+        return x.reshape(n, tokens, features // tokens)
+    return x
 
 
 def load_model(spec: str):
@@ -264,10 +294,14 @@ def run_spectra(cmd: Spectra) -> int:
         recurrent = cmd.model.recurrent
         if cmd.input == "mnist1d":
             x = np.asarray(data.mnist1d(seed=cmd.seed, num_samples=100).x_train[:1])
+        elif cmd.input == "digits":
+            x = np.asarray(data.digits(seed=cmd.seed).x_train[:1])
         else:
             x = np.asarray(jax.random.normal(key, (1, 40)))
         if recurrent:  # the 40 samples of the signal as a sequence, tiled to seq_len steps
             x = np.resize(x[0], cmd.model.seq_len)[None, :, None]
+        else:
+            x = _examples(cmd.model, x, cmd.input)
         variables = model.init(key, x)
         res = spectra.model_spectra(
             model, variables, x[0], depths=cmd.depths, method=cmd.method, k=cmd.k, direction=cmd.direction

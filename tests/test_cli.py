@@ -42,6 +42,36 @@ def test_every_subcommand_has_help(sub, capsys):
         (["spectra", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
         (["sweep", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
         (["train", "--out", "/dev/null/run"], "--out '/dev/null/run' cannot take the results"),
+        # a flag the chosen kind does not read is refused, naming it
+        (["spectra", "--model.heads", "2"], "heads=2 applies to kind='transformer' only, not kind='mlp'"),
+        (
+            ["train", "--model.kind", "transformer", "--model.padding", "same"],
+            "padding='same' applies to kind='conv'",
+        ),
+        (
+            ["spectra", "--model.kernel-size", "5"],
+            "kernel_size=5 does not apply to kind='mlp' (only to 'conv')",
+        ),
+        (
+            ["spectra", "--model.kind", "transformer", "--model.norm", "layer"],
+            "norm='layer' does not apply to kind='transformer' (only to 'mlp', 'conv') (a Transformer's "
+            "LayerNorm placement is ln)",
+        ),
+        (
+            ["spectra", "--model.kind", "transformer", "--model.ln", "mid"],
+            "ln must be one of ('pre', 'post', 'none')",
+        ),
+        (["spectra", "--model.kind", "transformer", "--model.width", "6"], "heads=4 does not divide width=6"),
+        (
+            ["spectra", "--model.kind", "transformer", "--model.tokens", "3"],
+            "tokens=3 does not divide the 40 values",
+        ),
+        (["spectra", "--model.kind", "conv", "--model.stride", "3"], "stride=3 applies to the down blocks"),
+        (
+            ["spectra", "--model.kind", "conv", "--model.spatial-dims", "3"],
+            "spatial_dims must be one of (1, 2), got 3",
+        ),
+        (["train", "--model.kind", "conv", "--model.spatial-dims", "2"], "a mnist1d example has 40 values"),
     ],
 )
 def test_bad_flags_and_values_exit_2_naming_them(argv, named, capsys):
@@ -78,6 +108,95 @@ def test_spectra_prints_the_table_and_writes_results(tmp_path, capsys):
     assert summary["log_min"] == pytest.approx([0.0] * 6, abs=1e-5)
     assert "log smax" in capsys.readouterr().out
     assert (out / "spectra.png").stat().st_size > 1000
+
+
+def _float64_products_log_sv(model, variables, x):
+    """log sigma of J_l = d h_l / d h_0 for every layer l of `model`'s chain, descending: each
+    layer's Jacobian by float64 jacfwd, their products and SVDs in numpy float64."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradflow.nn import chain
+    from gradflow.numerics import x64
+
+    with x64():
+        v64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), variables)
+        c = chain(model, v64, jnp.asarray(np.asarray(x), jnp.float64))
+        h, product, rows = c.h0, None, []
+        for seg in c.segments:
+            for i in range(seg.depth):
+                p = seg.layer_params(i)
+                f = lambda v, seg=seg, p=p, shape=h.shape: seg.step(seg.shared, p, v.reshape(shape)).ravel()  # noqa: E731
+                a = np.asarray(jax.jacfwd(f)(h.ravel()))
+                product = a if product is None else a @ product
+                rows.append(np.sort(np.log(np.linalg.svd(product, compute_uv=False)))[::-1])
+                h = seg.step(seg.shared, p, h)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "flags, layers",
+    [
+        # 2-D circular conv stack of two stages on an 8 x 8 digits image: 8x8x2 -> 4x4x3 states
+        (
+            ["--model.kind", "conv", "--model.spatial-dims", "2", "--model.stages", "3", "--input", "digits"],
+            ["stage1[1]", "stage1[2]", "down2", "stage2[1]", "stage2[2]"],
+        ),
+        # a pre-LN Transformer on MNIST-1D's 40 samples as 4 tokens of 10: 4 x 4 token states
+        (
+            ["--model.kind", "transformer", "--model.heads", "2", "--model.tokens", "4"],
+            ["blocks[1]", "blocks[2]"],
+        ),
+    ],
+    ids=["conv", "transformer"],
+)
+def test_spectra_of_conv_and_transformer_kinds_against_float64(flags, layers, tmp_path):
+    """The CLI's written spectra of `--model.kind conv|transformer` equal a float64 jacfwd + SVD of
+    the same stack (built from the same config, at the same input) at every layer."""
+    import jax
+
+    from gradflow import data
+
+    out = tmp_path / "spectra"
+    argv = ["spectra", "--model.depth", "2", "--model.width", "2" if "conv" in flags else "4", *flags]
+    assert cli.main([*argv, "--model.activation", "tanh", "--out", str(out)]) == 0
+    saved = np.load(out / "spectra.npz")
+    assert list(saved["layers"]) == layers
+    cmd = tyro.extras.subcommand_cli_from_dict({"spectra": cli.Spectra}, args=argv)
+    model = cmd.model.build()
+    flat = (
+        data.digits(seed=0).x_train[:1]
+        if "digits" in flags
+        else data.mnist1d(seed=0, num_samples=100).x_train[:1]
+    )
+    x = cli._examples(cmd.model, np.asarray(flat), cmd.input)
+    variables = model.init(jax.random.key(0), x)
+    wants = _float64_products_log_sv(model, variables, x[0])
+    for row, want, name in zip(saved["log_singular_values"], wants, layers, strict=True):
+        np.testing.assert_allclose(row[: want.size], want, atol=2e-4, err_msg=name)
+
+
+def test_transformer_kind_reads_an_example_as_the_atlas_does_and_trains(tmp_path):
+    """`gradflow train --model.kind transformer`: MNIST-1D signals as `TOKENS` float tokens, the
+    atlas's reading (`atlas.measure`); the config's fields reach the TransformerStack."""
+    from gradflow.atlas import measure
+    from gradflow.nn import StackConfig, config
+
+    assert config.TOKENS == measure.TOKENS
+    x = np.arange(2 * measure.SIGNAL, dtype=np.float32).reshape(2, measure.SIGNAL)
+    cfg = StackConfig(kind="transformer", width=8, heads=2)
+    np.testing.assert_array_equal(
+        cli._examples(cfg, x, "mnist1d"), x.reshape(2, measure.TOKENS, measure.SIGNAL // measure.TOKENS)
+    )
+    m = StackConfig(kind="transformer", width=8, heads=2, ln="none", skip=False, mlp=False, tokens=5).build()
+    assert (m.ln, m.residual, m.activation, m.max_len, m.heads) == (None, False, None, 5, 2)
+    assert StackConfig(kind="transformer", ln="post").build().ln == "post"
+    out = tmp_path / "train"
+    argv = ["train", "--model.kind", "transformer", "--model.depth", "2", "--model.width", "8"]
+    argv += ["--model.heads", "2", "--num-samples", "200", "--train.epochs", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(record["grad_norm"]) >= 2 and np.isfinite(record["grad_norm"]).all()
 
 
 def test_tiny_atlas_and_report_rebuild(tmp_path):
