@@ -43,10 +43,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import errors as flax_errors
-from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow.nn.chains import WHOLE, Segment, kernel_paths, layer_key, layer_variables, with_layer_variables
+from gradflow.nn.chains import (
+    WHOLE,
+    Segment,
+    kernel_paths,
+    layer_key,
+    layer_variables,
+    walk,
+    with_layer_variables,
+)
 from gradflow.nn.chains import chain as make_chain
 from gradflow.nn.conv import ConvStack
 from gradflow.nn.mlp import MLPStack
@@ -172,31 +179,25 @@ def _variances(
     the segment's step) whose output is measured instead.
     """
     c = make_chain(model, variables, x, layers=layers, check=False)
-    h, out = c.h0, []
-    for seg, owner in zip(c.segments, owners, strict=True):
 
-        def layer(h, p, seg=seg, owner=owner):
-            if owner is None:
-                h = seg.step(seg.shared, p, h)
-                return h, jnp.var(h)
-            seen = []
+    def observe(step, shared, p, h, owner):
+        if owner is None:
+            h = step(shared, p, h)
+            return h, jnp.var(h)
+        seen = []
 
-            def record(next_fun, args, kwargs, context):
-                y = next_fun(*args, **kwargs)
-                if context.method_name == "__call__" and tuple(context.module.path) == owner:
-                    seen.append(y)
-                return y
+        def record(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and tuple(context.module.path) == owner:
+                seen.append(y)
+            return y
 
-            with nn.intercept_methods(record):
-                h = seg.step(seg.shared, p, h)
-            return h, jnp.var(seen[-1])
+        with nn.intercept_methods(record):
+            h = step(shared, p, h)
+        return h, jnp.var(seen[-1])
 
-        if seg.depth == 1:
-            h, v = layer(h, seg.layer_params(0))
-            out.append(v[None])
-        else:
-            h, v = lax.scan(layer, h, seg.params)
-            out.append(v)
+    observers = tuple(functools.partial(observe, owner=owner) for owner in owners)
+    _, out = walk(*c.parts(), c.h0, observe=observers)
     return jnp.concatenate(out)
 
 

@@ -92,16 +92,16 @@ def test_strided_cnn_spectra_against_float64_jacfwd(cnn, direction):
 
 
 def test_chain_states_are_the_model_and_compile_once(cnn):
-    from gradflow.spectra import core
+    from gradflow.spectra import _exact
 
     model, v, x = cnn
     c = chain(model, v, x)
     np.testing.assert_allclose(c.final(), model.apply(v, x), rtol=1e-6)
     v2 = model.init(jax.random.key(7), x)
     spectra.model_spectra(model, v, x, depths=[2])
-    compiled = core._exact_jit._cache_size()
+    compiled = _exact._exact_jit._cache_size()
     res = spectra.model_spectra(model, v2, x, depths=[2])
-    assert core._exact_jit._cache_size() == compiled  # new variables, same program
+    assert _exact._exact_jit._cache_size() == compiled  # new variables, same program
     _assert_rows(res, _reference(_cnn_maps, v2, x, "forward")[1:2])
 
 

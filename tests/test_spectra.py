@@ -364,23 +364,23 @@ def test_pure_core_vmaps_over_seeds_and_matches_the_api():
 
 
 def test_model_spectra_compiles_once_per_model_and_shape():
-    from gradflow.spectra import core
+    from gradflow.spectra import _exact, _topk, core
 
     model = MLPStack(depth=3, width=4, activation="tanh", num_outputs=None)
     x = jax.random.normal(jax.random.key(19), (3,))
     v1, v2 = (model.init(jax.random.key(i), x[None]) for i in (20, 21))
     w1 = _gaussian_factors(jax.random.key(22), 3, 3)
     spectra.model_spectra(model, v1, x)
-    compiled = core._exact_jit._cache_size()
+    compiled = _exact._exact_jit._cache_size()
     res = spectra.model_spectra(model, v2, x)
-    assert core._exact_jit._cache_size() == compiled  # new variables, same program
+    assert _exact._exact_jit._cache_size() == compiled  # new variables, same program
     ref = spectra.jacobian_spectra(*_walk(model.chain(v2, x)))  # and the new variables are the ones used
     np.testing.assert_allclose(res.log_singular_values, ref.log_singular_values, atol=1e-5)
     # topk likewise: one program for every depth and every set of variables of these shapes
     spectra.model_spectra(model, v1, x, method="topk", k=2, depths=[1])
-    compiled = core._topk_path._cache_size()
+    compiled = _topk._topk_path._cache_size()
     top = spectra.model_spectra(model, v2, x, method="topk", k=2, depths=[2, 3])
-    assert core._topk_path._cache_size() == compiled
+    assert _topk._topk_path._cache_size() == compiled
     np.testing.assert_allclose(top.log_singular_values, res.log_singular_values[1:, :2], atol=1e-4)
     # and the Lyapunov exponents: new params of the same shapes, same program, their own values
     lyap = [spectra.lyapunov_exponents(linear_step, 2 * w1, jnp.zeros(3))]
@@ -430,7 +430,8 @@ def test_banded_sweep_rotates_exactly_the_pairs_within_the_band():
 
 
 def test_banded_sweeps_on_a_deep_product_against_float64():
-    from gradflow.spectra import _jacobi, core
+    from gradflow.nn.chains import inputs, walk
+    from gradflow.spectra import _exact, _jacobi
 
     # N = 64 rows take the banded path; at depth 24 the pairs above tolerance after the QR + LQ
     # preconditioning lie in a band narrow enough for it, so the readout starts with a banded sweep.
@@ -440,8 +441,8 @@ def test_banded_sweeps_on_a_deep_product_against_float64():
     h0 = jax.random.normal(jax.random.key(31), (n,))
     ref, _ = _float64_products(step, w, h0)
     step3 = lambda _, w, h: step(w, h)
-    _, points = core._states(step3, None, w, h0, depth)
-    apply = jax.jit(lambda w, h, rows: core._apply_rows(step3, None, w, h, rows, False))
+    _, (points,) = walk(((step3, depth),), (None,), (w,), h0, observe=inputs)
+    apply = jax.jit(lambda w, h, rows: _exact._apply_rows(step3, None, w, h, rows, False))
     rows, s = jnp.eye(n), jnp.zeros(n)
     for l in range(depth - 1):  # the engine's walk to the last layer
         rows, s = _jacobi.carry_step(apply(w[l], points[l], rows), s)

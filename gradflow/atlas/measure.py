@@ -25,6 +25,7 @@ from gradflow.atlas.grid import (
 )
 from gradflow.atlas.verdict import _finite_spread, _log_rms, verdict
 from gradflow.nn import ConvStack, GRUStack, LSTMStack, MLPStack, RNNStack, TransformerStack
+from gradflow.nn.chains import walk
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
 from gradflow.train import Hparams, TrainConfig, init_variables, run_keys, sweep
@@ -75,6 +76,12 @@ class _InitCache:
             return self._values[family]
 
 
+def _finite_output(step, shared, p, h):
+    """`walk` observer: whether a layer's output is finite."""
+    h = step(shared, p, h)
+    return h, jnp.all(jnp.isfinite(h))
+
+
 def _spectra_group(
     model: MLPStack, variables: Any, x_spec: jax.Array, scales: np.ndarray, bn: bool
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -89,14 +96,8 @@ def _spectra_group(
         p = dict(seg.params)
         p["params"] = scale_kernels(p["params"], scale)  # the blocks' own kernels
         step = lambda p_l, h: seg.step(seg.shared, p_l, h)  # noqa: E731
-
-        def fwd(carry, p_l):
-            h, ok = carry
-            h = step(p_l, h)
-            return (h, ok & jnp.all(jnp.isfinite(h))), None
-
-        (_, finite), _ = jax.lax.scan(fwd, (h0, jnp.asarray(True)), p)
-        return spectra.log_singular_values(step, p, h0), finite, jnp.mean(h0**2)
+        _, (finite,) = walk(((seg.step, seg.depth),), (seg.shared,), (p,), h0, observe=_finite_output)
+        return spectra.log_singular_values(step, p, h0), jnp.all(finite), jnp.mean(h0**2)
 
     # the scales sharded over every device of every process, like the training sweep below
     logs, finite, m0 = distributed.vmap_sharded(

@@ -149,11 +149,11 @@ class Chain:
 
     def states(self) -> tuple[jax.Array, ...]:
         """The layer outputs, one stacked array per segment: (depth_s, *state shape)."""
-        return tuple(self._walk(keep=True)[1])
+        return tuple(_walk_jit(*self.parts(), self.h0, observe=outputs)[1])
 
     def final(self) -> jax.Array:
         """h_L."""
-        return self._walk()[0]
+        return _walk_jit(*self.parts(), self.h0)[0]
 
     def perturbed_final(self, perturbations: Sequence[jax.Array], h0_perturbation: Any = 0.0) -> jax.Array:
         """h_L with perturbations[s][i] added to the output of layer i of segment s (and to h0).
@@ -161,18 +161,17 @@ class Chain:
         With zero perturbations this is `final()`; its gradient with respect to them is dL/dh_l
         at every layer (`state_gradients`).
         """
-        return self._walk(perturbations, h0_perturbation)[0]
+        if len(perturbations) != len(self.segments):
+            raise ValueError(f"{len(perturbations)} perturbations for {len(self.segments)} segments")
+        h0 = self.h0 + h0_perturbation
+        return _walk_jit(*self.parts(), h0, perturbations=tuple(perturbations))[0]
 
-    def _walk(
-        self, perturbations: Sequence[jax.Array] | None = None, h0_perturbation: Any = 0.0, keep: bool = False
-    ) -> tuple[jax.Array, list]:
-        """The one forward walk: (h_L, per-segment stacked outputs if `keep`), perturbed if asked."""
-        eps_all = [None] * len(self.segments) if perturbations is None else list(perturbations)
-        if len(eps_all) != len(self.segments):
-            raise ValueError(f"{len(eps_all)} perturbations for {len(self.segments)} segments")
-        h0 = self.h0 if perturbations is None else self.h0 + h0_perturbation
-        h, out = _walk(*self.parts(), h0, eps_all, keep=keep)
-        return h, list(out)
+    def state_sizes(self) -> np.ndarray:
+        """N_0 .. N_L: the number of values in h_0 and in each layer's output (by shape only)."""
+        sizes = [int(np.prod(self.h0.shape))]
+        for hs in jax.eval_shape(self.states):
+            sizes += [int(np.prod(hs.shape[1:]))] * int(hs.shape[0])
+        return np.asarray(sizes)
 
     def parts(self) -> tuple[tuple, tuple, tuple]:
         """(static ((step, depth), ...), traced shared parts, traced params) per segment: what
@@ -199,27 +198,73 @@ class Chain:
         return list(zip(self.segments, shapes, strict=True))
 
 
+def outputs(step: Step, shared: Any, p: Any, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`walk` observer: record each layer's output."""
+    h_next = step(shared, p, h)
+    return h_next, h_next
+
+
+def inputs(step: Step, shared: Any, p: Any, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`walk` observer: record each layer's input (what the spectra engines linearize at)."""
+    return step(shared, p, h), h
+
+
+def _no_record(step: Step, shared: Any, p: Any, h: jax.Array) -> tuple[jax.Array, None]:
+    return step(shared, p, h), None
+
+
+def walk(
+    steps: tuple[tuple[Step, int], ...],
+    shared: tuple,
+    params: tuple,
+    h0: jax.Array,
+    *,
+    observe: Callable | tuple[Callable, ...] | None = None,
+    perturbations: tuple | None = None,
+    upto: int | None = None,
+) -> tuple[jax.Array, list]:
+    """The one forward pass over a chain's parts (`Chain.parts()`): pure, for use under jit.
+
+    Args:
+      steps, shared, params: `Chain.parts()`.
+      h0: the state entering layer 1.
+      observe: (step, shared, params_l, h) -> (h_next, record), run for every layer in place
+        of the step (`outputs`, `inputs`, or a consumer's own: LSUV's variance, a finiteness
+        flag), or one such function per segment; None records nothing.
+      perturbations: None, or one (depth_s, *state shape) array per segment added to the
+        layers' outputs (`Chain.state_gradients`).
+      upto: walk only the segments that begin before layer `upto` (1-based; default all).
+
+    Returns:
+      (the last state walked, one stacked (depth_s, ...) record per walked segment; None
+      entries where `observe` is None).
+    """
+    observe = _no_record if observe is None else observe
+    observers = observe if isinstance(observe, tuple) else (observe,) * len(steps)
+    eps_all = (None,) * len(steps) if perturbations is None else perturbations
+    h, out, at = h0, [], 0
+    for (step, depth), sh, ps, eps, observe in zip(steps, shared, params, eps_all, observers, strict=True):
+        if upto is not None and at >= upto:
+            break
+        at += depth
+
+        def body(h, xs, step=step, sh=sh, observe=observe):
+            p, e = xs
+            h, rec = observe(step, sh, p, h)
+            return (h if e is None else h + e), rec
+
+        if depth == 1:  # one layer, whose state may change shape: no loop (its carry would)
+            h, rec = body(h, jax.tree.map(lambda a: a[0], (ps, eps)))
+            out.append(jax.tree.map(lambda a: a[None], rec))
+            continue
+        h, recs = lax.scan(body, h, (ps, eps), length=depth)
+        out.append(recs)
+    return h, out
+
+
 # One compiled program per chain structure: called eagerly (states, final, a user's script),
 # the walk would otherwise compile each op of each unrolled layer, and the scans, one by one.
-@functools.partial(jax.jit, static_argnames=("steps", "keep"))
-def _walk(steps, shared, params, h, perturbations, *, keep):
-    out = []
-    for (step, depth), sh, ps, eps in zip(steps, shared, params, perturbations, strict=True):
-        if depth == 1:
-            h = step(sh, None if ps is None else jax.tree.map(lambda a: a[0], ps), h)
-            h = h if eps is None else h + eps[0]
-            out.append(h[None])
-            continue
-
-        def body(h, xs, step=step, sh=sh):
-            p, e = xs
-            h = step(sh, p, h)
-            h = h if e is None else h + e
-            return h, (h if keep else None)
-
-        h, hs = lax.scan(body, h, (ps, eps), length=depth)
-        out.append(hs)
-    return h, out
+_walk_jit = jax.jit(walk, static_argnames=("steps", "observe", "upto"))
 
 
 def chain(

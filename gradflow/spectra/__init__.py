@@ -1,5 +1,6 @@
 """Jacobian-product spectra across depth and through time: exact (log-scaled Jacobi), top-k, Lyapunov; circular convs by FFT."""
 
+from gradflow.spectra._exact import log_singular_values as log_singular_values
 from gradflow.spectra.conv import conv_spectra as conv_spectra
 from gradflow.spectra.conv import conv_spectrum as conv_spectrum
 from gradflow.spectra.core import AUTO_EXACT_SIZE as AUTO_EXACT_SIZE
@@ -7,7 +8,6 @@ from gradflow.spectra.core import AUTO_K as AUTO_K
 from gradflow.spectra.core import METHODS as METHODS
 from gradflow.spectra.core import chain_spectra as chain_spectra
 from gradflow.spectra.core import jacobian_spectra as jacobian_spectra
-from gradflow.spectra.core import log_singular_values as log_singular_values
 from gradflow.spectra.core import lyapunov_exponents as lyapunov_exponents
 from gradflow.spectra.core import model_spectra as model_spectra
 from gradflow.spectra.result import SpectraResult as SpectraResult

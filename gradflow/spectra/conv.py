@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradflow.spectra.core import _check_depths, _exact
+from gradflow.spectra._exact import _exact
+from gradflow.spectra.core import _check_depths
 from gradflow.spectra.result import SpectraResult
 
 

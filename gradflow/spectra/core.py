@@ -7,56 +7,30 @@ For a chain of layer maps h_l = f_l(h_{l-1}), l = 1..L (`gradflow.nn.chain`: any
 - backward products G_l = A_L ... A_{l+1} = d h_L / d h_l (what a gradient reaching layer l went
   through; G_L = I). Its singular values are those of G_l^T = A_{l+1}^T ... A_L^T, walked from the top.
 
-Method ("exact"): the product is carried as M V = C^T diag(exp(s)) for an orthogonal V (unknown,
-never needed): C has near-unit rows, s natural-log scales. Each layer applies A_l to the rows of C
-with `jax.linearize` + `vmap` (no N x N Jacobian is materialised), then re-factors the result in
-log-scaled form (`_jacobi`): two Householder QRs (QR with the rows sorted by scale, then LQ of the
-graded triangular factor: Drmac & Veselic 2008) leave a column-graded triangular matrix with
-nearly orthogonal rows, which is all the next layer needs. A layer into a smaller state drops the rows past its size
-(the product's rank bound; QR of an N_l x m block with N_l < m), so the rows carried are
-min(N_0 .. N_l) forward and min(N_l .. N_L) backward: a backward product through a 10-way
-classifier is 10 rows at any width. At a requested depth one-sided Jacobi
-sweeps then orthogonalize those rows until a Gram product shows every cosine below `tol`
-(banded sweeps where that product puts the pairs above `tol` near the diagonal, as it does deep in
-a product); log sigma = sorted s. Layers that are not requested cost the two QRs only, and layers
-no requested product contains are not walked. Nothing is formed at
-the scale of the product, so sigma = 1e-600 or 1e+600 is as accurate as sigma = 1, and the Jacobi
-step keeps high relative accuracy for the smallest singular values (Demmel & Veselic 1992) where
-SVD of the accumulated product loses everything below eps * sigma_max.
-
-Accuracy: the error in log sigma_i grows like eps * sum_l cond(A_l) (rounding in each factor), not
-like the spread of the product: spreads of 1e60 or 1e600 are resolved in float32. What no working
-precision can resolve is a singular value below eps * ||A_l|| of a single, intrinsically
-ill-conditioned factor (e.g. LayerNorm's near-null direction): run under float64
-(`jax.enable_x64`, float64 params and h0) to see those; the engine follows the dtype of h0.
-
-Method ("auto", the default): "exact" while the rows it carries (the rank bound of the products:
-the smallest state so far forward, the output size backward) are at most `AUTO_EXACT_SIZE`, else
-"topk" with k = `AUTO_K` (unless k is given); the result's `.method` says which ran.
-
-Method ("topk"): the same recursion on k + oversample rows (default 2k) from a random orthonormal
-block (J_l X_0 instead of J_l), followed at each requested depth by subspace iteration through
-J_l^T J_l (vjp back down, jvp up, all in log-scaled form) until the top k settle, i.e.
-matrix-free: memory O((k + oversample) N + L N), never N x N. On a chain whose state sizes
-change, the block has at most as many rows as the smallest state the product passes through
-(the rank bound), and a one-layer segment that changes the size is applied outside any loop.
+Engines (each in its own file, with its method, papers and accuracy limits):
+- "exact" (`_exact.py`): every singular value, the product carried in log-scaled form and
+  re-factored at every layer (QR + LQ, then one-sided Jacobi at the requested depths).
+- "topk" (`_topk.py`): the k largest, matrix-free, by a block recursion and subspace iteration.
+- "auto" (the default): "exact" while the rows it carries (the rank bound of the products: the
+  smallest state so far forward, the output size backward) are at most `AUTO_EXACT_SIZE`, else
+  "topk" with k = `AUTO_K` (unless k is given); the result's `.method` says which ran.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradflow.nn.chains import Chain, Segment, layer_variables
+from gradflow.nn.chains import Chain, Segment, inputs, layer_variables, walk
 from gradflow.nn.chains import chain as make_chain
-from gradflow.spectra import _jacobi
+from gradflow.spectra._exact import _apply_rows, _exact_jit, _Unshared
+from gradflow.spectra._topk import _topk
 from gradflow.spectra.result import SpectraResult
 
 Step = Callable[[Any, jax.Array], jax.Array]
@@ -66,19 +40,9 @@ DIRECTIONS = ("forward", "backward")
 # method="auto": the exact engine carries N rows and re-factors them at every layer, O(N^3) per
 # layer (a 2048-wide state costs ~1 s a layer on one CPU core, a 4096-wide one ~8 s); past
 # AUTO_EXACT_SIZE it switches to topk with AUTO_K values (a Transformer block's T x D state, a
-# wide CNN's H x W x C), where the chain allows it (one segment of equal-size states).
+# wide CNN's H x W x C).
 AUTO_EXACT_SIZE = 2048
 AUTO_K = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class _Unshared:
-    """A user's step(params_l, h) as a chain step (shared, params_l, h): equal steps hash equal."""
-
-    step: Step
-
-    def __call__(self, shared: Any, p: Any, h: jax.Array) -> jax.Array:
-        return self.step(p, h)
 
 
 def _depth_of(params: Any) -> int:
@@ -131,222 +95,6 @@ def _user_chain(step: Step, params: Any, h0: jax.Array) -> Chain:
     return Chain(segments=(seg,), h0=h0)
 
 
-def _states(step: Step, shared: Any, params: Any, h0: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
-    """(h_out, inputs): the inputs of a segment's layers, (depth, *h0.shape), and its output."""
-    if depth == 1:
-        p = None if params is None else jax.tree.map(lambda a: a[0], params)
-        return step(shared, p, h0), h0[None]
-    return lax.scan(lambda h, p: (step(shared, p, h), h), h0, params, length=depth)
-
-
-def _apply_rows(step: Step, shared: Any, p: Any, h: jax.Array, c: jax.Array, transpose: bool) -> jax.Array:
-    """Rows of c mapped by A = d step(shared, p, .)/dh at h (or by A^T); states flattened."""
-    f = lambda v: step(shared, p, v.reshape(h.shape)).reshape(-1)  # noqa: E731
-    if transpose:
-        _, vjp = jax.vjp(f, h.reshape(-1))
-        return jax.vmap(lambda v: vjp(v)[0])(c)
-    _, jvp = jax.linearize(f, h.reshape(-1))
-    return jax.vmap(jvp)(c)
-
-
-def _walk_layers(apply, xs, length, c, s, record, *, tol, width):
-    """Carry the log-scaled product (rows c, scales s) through `length` layers, in walk order.
-
-    apply(x, c) maps the rows c by layer x's A (or A^T); xs holds one x per layer (leading axis
-    `length`). Each layer re-factors: QR + LQ (`_jacobi.precondition`), which also drops the rows
-    past the new state size where that is smaller (the rank bound); recorded layers add Jacobi
-    sweeps and read out sorted log sigma, padded with -inf to `width`. Unrecorded rows are NaN.
-    Returns (c, s) and the (length, width) rows.
-    """
-
-    def readout(c, s):
-        c, s, _ = _jacobi.orthogonalize(c, s, tol=tol)
-        pad = jnp.full((width - s.shape[0],), -jnp.inf, s.dtype)
-        return c, s, jnp.concatenate([jnp.sort(s)[::-1], pad])
-
-    def skip(c, s):
-        return c, s, jnp.full((width,), jnp.nan, s.dtype)
-
-    def body(carry, xs):
-        c, s = carry
-        x, rec = xs
-        q, c, s = _jacobi.precondition(apply(x, c), s)
-        if record is None:  # every layer wanted: no branch to compile
-            c, s, logs = readout(c, s)
-        else:  # a real branch even under vmap: the mask is never batched
-            c, s, logs = lax.cond(rec, readout, skip, c, s)
-        return (c @ q.T, s), logs
-
-    if length == 1:
-        first = jax.tree.map(lambda a: a[0], (xs, record))
-        carry, logs = body((c, s), first)
-        return carry, logs[None]
-    return lax.scan(body, (c, s), (xs, record), length=length)
-
-
-class _Piece(NamedTuple):
-    """Consecutive layers of one segment as a walk takes them (reversed for a backward walk)."""
-
-    step: Step
-    shared: Any
-    params: Any  # sliced to the piece's layers
-    inputs: jax.Array  # (layers, *state shape): each layer's input state
-    record: jax.Array | None  # the piece's slice of `record`
-    square: bool  # one layer whose output has its input's size
-
-
-def _walk_pieces(pieces, c, s, *, transpose, tol, width):
-    """Walk consecutive `_Piece`s; returns (c, s) and each piece's (layers, width) rows.
-
-    A piece of several layers is one scan. A run of square one-layer pieces whose inputs have one
-    shape (the unscanned blocks of a user's Transformer or of one ResNet stage) is one scan as
-    well, over a `lax.switch` between the layers' maps: the QR and Jacobi steps, most of what
-    such a chain compiles, are then compiled once per run, not once per layer.
-    """
-    runs: list[list[_Piece]] = []
-    for piece in pieces:
-        prev = runs[-1][-1] if runs else None
-        if (
-            piece.square
-            and prev is not None
-            and prev.square
-            and (prev.inputs.shape, prev.inputs.dtype) == (piece.inputs.shape, piece.inputs.dtype)
-        ):
-            runs[-1].append(piece)
-        else:
-            runs.append([piece])
-    rows = []
-    for run in runs:
-        if len(run) == 1:
-            step, sh, p, pts, rec, _ = run[0]
-            apply = lambda x, c, step=step, sh=sh: _apply_rows(step, sh, x[0], x[1], c, transpose)  # noqa: E731
-            (c, s), logs = _walk_layers(apply, (p, pts), pts.shape[0], c, s, rec, tol=tol, width=width)
-            rows.append(logs)
-            continue
-        branches = [
-            functools.partial(
-                _apply_rows,
-                pc.step,
-                pc.shared,
-                jax.tree.map(lambda a: a[0], pc.params),
-                pc.inputs[0],
-                transpose=transpose,
-            )
-            for pc in run
-        ]
-        rec = None if run[0].record is None else jnp.concatenate([pc.record for pc in run])
-        apply = lambda i, c, branches=branches: lax.switch(i, branches, c)  # noqa: E731
-        (c, s), logs = _walk_layers(apply, jnp.arange(len(run)), len(run), c, s, rec, tol=tol, width=width)
-        rows += list(jnp.split(logs, len(run)))
-    return (c, s), rows
-
-
-def _slice(tree: Any, lo: int, hi: int, reverse: bool = False) -> Any:
-    return jax.tree.map(lambda a: a[lo:hi][::-1] if reverse else a[lo:hi], tree)
-
-
-def _inputs(steps, shared, params, h0, upto: int | None = None) -> tuple[list[jax.Array], jax.Array]:
-    """The forward pass: each segment's layer inputs, (depth, *state shape), and the last output,
-    over the segments that begin before layer `upto` (default: all)."""
-    points, h, at = [], h0, 0
-    for (step, depth), sh, p in zip(steps, shared, params, strict=True):
-        if upto is not None and at >= upto:
-            break
-        h, pts = _states(step, sh, p, h, depth)
-        points.append(pts)
-        at += depth
-    return points, h
-
-
-_inputs_jit = jax.jit(_inputs, static_argnames=("steps", "upto"))
-
-
-def _exact(steps, shared, params, h0, record, *, direction, tol, lo=1, hi=None):
-    """Log singular values of the chain's products, (L, W): row l - 1 is J_l or G_l, -inf padded.
-
-    steps: static ((step, depth), ...) per segment; shared, params: their traced parts.
-    record: (L,) bool, the layers whose spectrum is wanted (other rows NaN), or None for all
-    (no branch compiled: `log_singular_values`). Only the layers the
-    wanted products contain are walked: forward layers 1 .. hi (J_hi the deepest wanted),
-    backward layers L .. lo + 1 (G_lo the shallowest wanted; A_1 only ever feeds G_0).
-    """
-    L = sum(d for _, d in steps)
-    hi = L if hi is None else hi
-    # The forward pass: the input of every layer (up to layer hi going forward), per segment.
-    points, h = _inputs(steps, shared, params, h0, upto=hi if direction == "forward" else None)
-    sizes = [int(np.prod(pts.shape[1:])) for pts in points for _ in range(pts.shape[0])]
-    sizes.append(int(np.prod(h.shape)))  # sizes[j] = N_j, the size of h_j
-    # The walked layers, as pieces of segments: (step, shared, params, inputs, a, b, first), the
-    # segment's layers a .. b - 1 (0-based within it), `first` the global 0-based index of a.
-    first_walked = 0 if direction == "forward" else lo
-    last_walked = hi if direction == "forward" else L
-    pieces, at = [], 0
-    for (step, depth), sh, p, pts in zip(steps, shared, params, points, strict=False):
-        a, b = max(first_walked, at), min(last_walked, at + depth)
-        if a < b:
-            pieces.append((step, sh, p, pts, a - at, b - at, a))
-        at += depth
-    dtype = h0.dtype
-    if direction == "forward":
-        bounds = np.minimum.accumulate(sizes[: hi + 1])  # rank bound of J_l: min(N_0 .. N_l)
-        width = int(bounds[1:].max())
-        walk = [  # walking A_{j+1} gives row J_{j+1}
-            _Piece(
-                step,
-                sh,
-                _slice(p, a, b),
-                pts[a:b],
-                None if record is None else record[g : g + b - a],
-                b - a == 1 and sizes[g] == sizes[g + 1],
-            )
-            for step, sh, p, pts, a, b, g in pieces
-        ]
-        c, s = jnp.eye(sizes[0], dtype=dtype), jnp.zeros(sizes[0], dtype)
-        _, rows = _walk_pieces(walk, c, s, transpose=False, tol=tol, width=width)
-        return jnp.concatenate([*rows, jnp.full((L - hi, width), jnp.nan, dtype)])
-    # Backward: G_l^T = A_{l+1}^T ... A_L^T from the top; walking A_{j+1}^T (0-based j) turns the
-    # product into G_j^T, row j - 1, with min(N_j .. N_L) rows.
-    width = sizes[L]
-    walk = [
-        _Piece(
-            step,
-            sh,
-            _slice(p, a, b, reverse=True),
-            pts[a:b][::-1],
-            None if record is None else record[g - 1 : g - 1 + b - a][::-1],
-            b - a == 1 and sizes[g] == sizes[g + 1],
-        )
-        for step, sh, p, pts, a, b, g in reversed(pieces)
-    ]
-    c, s = jnp.eye(sizes[L], dtype=dtype), jnp.zeros(sizes[L], dtype)
-    _, rows = _walk_pieces(walk, c, s, transpose=True, tol=tol, width=width)
-    rows = [logs[::-1] for logs in rows]
-    top = (
-        jnp.zeros(width, dtype)
-        if record is None
-        else jnp.where(record[L - 1], jnp.zeros(width, dtype), jnp.nan)
-    )
-    unwanted = jnp.full((lo - 1, width), jnp.nan, dtype)
-    return jnp.concatenate([unwanted, *reversed(rows), top[None]])
-
-
-_exact_jit = jax.jit(_exact, static_argnames=("steps", "direction", "tol", "lo", "hi"))
-
-
-def log_singular_values(
-    step: Step, params: Any, h0: jax.Array, *, direction: str = "forward", tol: float | None = None
-) -> jax.Array:
-    """The pure core of `jacobian_spectra(method="exact")`, for use under `jit` and `vmap`.
-
-    Returns (L, N) log singular values, sorted descending: row l - 1 is J_l (forward) or G_l
-    (backward; the last row is G_L = I). No argument checks: use `jacobian_spectra` at API
-    boundaries and this under `jax.vmap` over inputs, seeds or configurations.
-    """
-    depth = jax.tree_util.tree_leaves(params)[0].shape[0]
-    steps, shared, ps = ((_Unshared(step), depth),), (None,), (params,)
-    return _exact(steps, shared, ps, jnp.asarray(h0), None, direction=direction, tol=tol)
-
-
 def jacobian_spectra(
     step: Step,
     params: Any,
@@ -393,15 +141,6 @@ def jacobian_spectra(
         key=key,
         tol=tol,
     )
-
-
-def _state_sizes(c: Chain) -> np.ndarray:
-    """N_0 .. N_L: the sizes of the chain's states (by shape only)."""
-    shapes = jax.eval_shape(c.states)
-    sizes = [int(np.prod(c.h0.shape))]
-    for hs in shapes:
-        sizes += [int(np.prod(hs.shape[1:]))] * int(hs.shape[0])
-    return np.asarray(sizes)
 
 
 def _check_finite_parameters(c: Chain) -> None:
@@ -468,7 +207,7 @@ def chain_spectra(
     _check_finite_parameters(c)
     depth = c.depth
     wanted = _check_depths(depths, depth)
-    sizes = _state_sizes(c)
+    sizes = c.state_sizes()
     if direction == "forward":
         bound = int(np.minimum.accumulate(sizes)[1 : int(wanted.max()) + 1].max())
     else:
@@ -507,146 +246,6 @@ def chain_spectra(
     )
 
 
-def _layers(step3, shared, params, points, c, s, n_steps, transpose, down, tol=None):
-    """Apply n_steps layers of the walk to the rows of a log-scaled block (dynamic trip count).
-
-    Returns orthonormal rows and the log singular values of the block's product (Jacobi once, at
-    the end; each layer only re-factors).
-
-    Up (down=False): layers 0 .. n_steps-1 in walk order, each by A (or A^T if transpose).
-    Down (down=True): the adjoint of that, layers n_steps-1 .. 0, each by A^T (or A).
-    """
-
-    def body(t, carry):
-        c, s = carry
-        i = jnp.where(down, n_steps - 1 - t, t)
-        p = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
-        h = lax.dynamic_index_in_dim(points, i, keepdims=False)
-        return _jacobi.carry_step(_apply_rows(step3, shared, p, h, c, transpose != down), s)
-
-    c, s = lax.fori_loop(0, n_steps, body, (c, s))
-    return _jacobi.qr_step(c, s, tol=tol)  # orthonormal rows, exp(s) the singular values
-
-
-def _topk(c: Chain, wanted, direction, k, oversample, refine, key, tol):
-    """Block recursion from a random orthonormal start, refined by subspace iteration on J^T J,
-    along the chain's segments (widths may change between them)."""
-    steps, shared, params = c.parts()
-    points, _ = _inputs_jit(steps, shared, params, c.h0)
-    sizes = _state_sizes(c)
-    L = int(sizes.shape[0]) - 1
-    ends = np.cumsum([d for _, d in steps])  # layer index (1-based) of each segment's last layer
-    forward = direction == "forward"
-    dtype = c.h0.dtype
-    # Depths in walk order, each started from the previous one's block where the shapes allow:
-    # the input-side singular directions of a product settle as it deepens (Oseledets), so a
-    # deeper depth starts nearer its answer (tanh, N = 1024, depth 32: 8 rounds instead of 10).
-    order = sorted((int(l) for l in wanted), reverse=not forward)
-    logs, x = {}, None
-    for l in order:
-        if not forward and l == L:  # G_L = I
-            logs[l] = jnp.zeros(k, dtype)
-            continue
-        if forward:  # layers 1 .. l: segments 0 .. last, the last one's first n layers
-            last = int(np.searchsorted(ends, l))
-            segs, n = tuple(range(last + 1)), l - (int(ends[last - 1]) if last else 0)
-            path = sizes[: l + 1]
-        else:  # layers L .. l + 1, top down: segments from the top to the one holding l + 1
-            last = int(np.searchsorted(ends, l + 1))
-            segs, n = tuple(range(len(steps) - 1, last - 1, -1)), int(ends[last]) - l
-            path = sizes[l:]
-        m = min(int(path.min()), k + (k if oversample is None else oversample))
-        n_in = int(sizes[0] if forward else sizes[L])
-        if x is None or x.shape[0] != m:  # (its rows are not sorted: no subset of them is kept)
-            x = jnp.linalg.qr(jax.random.normal(key, (n_in, m), dtype))[0].T  # (m, n_in) orthonormal
-        walk = [  # each walked segment in walk order: its steps, params and input states
-            (
-                steps[i][0],
-                shared[i],
-                params[i] if forward else _slice(params[i], None, None, True),
-                points[i] if forward else points[i][::-1],
-            )
-            for i in segs
-        ]
-        depths = tuple(steps[i][1] for i in segs)
-        logs[l], x = _topk_path(
-            tuple(w[0] for w in walk),
-            tuple(w[1] for w in walk),
-            tuple(w[2] for w in walk),
-            tuple(w[3] for w in walk),
-            x,
-            jnp.int32(n),
-            depths=depths,
-            k=k,
-            transpose=not forward,
-            refine=refine,
-            tol=tol,
-        )
-    out = [
-        jnp.concatenate([logs[int(l)][:k], jnp.full((k - min(k, logs[int(l)].shape[0]),), -jnp.inf, dtype)])
-        for l in wanted
-    ]
-    return jnp.stack(out)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("steps", "depths", "k", "transpose", "refine", "tol", "refine_tol")
-)
-def _topk_path(
-    steps, shared, params, points, x0, n_last, *, depths, k, transpose, refine, tol, refine_tol=1e-5
-):
-    """Top log singular values of the product along one walk path, from the start block x0 (m, N).
-
-    The path is segments in walk order (`steps`, `shared`, `params` and input `points` of each,
-    reversed for a backward walk; `depths` theirs): every layer of all but the last and the
-    first `n_last` layers of the last. Module-level and jitted on the steps (cached like
-    `_exact_jit`), so another depth in the same last segment, input or set of variables of the
-    same shapes reuses the compiled program. Returns the m log singular values, sorted
-    descending, and the final right singular block (the start for a deeper depth).
-    """
-    counts = (*depths[:-1], n_last)
-    zeros = jnp.zeros(x0.shape[0], points[0].dtype)
-
-    def segment(step3, sh, p, pts, depth, n, c, s, down):
-        if depth == 1:  # one layer, whose state may change size: no loop (its carry would)
-            y = _apply_rows(step3, sh, jax.tree.map(lambda a: a[0], p), pts[0], c, transpose != down)
-            return _jacobi.qr_step(y, s, tol=tol)
-        return _layers(step3, sh, p, pts, c, s, n, transpose, down, tol)
-
-    path = list(zip(steps, shared, params, points, depths, counts, strict=True))
-
-    def up(x):
-        c, s = x, zeros
-        for piece in path:
-            c, s = segment(*piece, c, s, False)
-        return c, s
-
-    def down(u):
-        c, s = u, zeros
-        for piece in reversed(path):
-            c, s = segment(*piece, c, s, True)
-        return c, s
-
-    top = lambda s: jnp.sort(s)[::-1][:k]  # noqa: E731
-
-    def cond(state):
-        return (state[3] > refine_tol) & (state[4] < refine)
-
-    def body(state):
-        # Subspace iteration on J^T J: left singular directions U (the rows, orthonormal, their
-        # dead rows zeroed) go down through J^T; the resulting right directions come back up.
-        c, s, _, _, it = state
-        u = jnp.where(jnp.isfinite(s)[:, None], c, 0.0)
-        x, _ = down(u)
-        c2, s2 = up(x)
-        return c2, s2, x, jnp.max(jnp.abs(top(s2) - top(s))), it + 1
-
-    c, s = up(x0)
-    state = (c, s, x0, jnp.asarray(jnp.inf, zeros.dtype), 0)
-    _, s, x, _, _ = lax.while_loop(cond, body, state)
-    return jnp.sort(s)[::-1], x
-
-
 def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None = None) -> jax.Array:
     """Per-layer Lyapunov exponents of the walk: lim (1/L) log sigma_i(J_L), sorted descending.
 
@@ -675,7 +274,7 @@ def lyapunov_exponents(step: Step, params: Any, h0: jax.Array, *, k: int | None 
 def _lyapunov(step3: Step, params: Any, h0: jax.Array, *, k: int) -> jax.Array:
     """`lyapunov_exponents`; module-level, so equal steps reuse the program."""
     depth = jax.tree_util.tree_leaves(params)[0].shape[0]
-    _, points = _states(step3, None, params, h0, depth)
+    _, (points,) = walk(((step3, depth),), (None,), (params,), h0, observe=inputs)
 
     def body(carry, xs):
         q, acc = carry
