@@ -1,4 +1,4 @@
-"""gradflow.train.state and .step: the config, the pure step and epoch, batching, skipping a non-finite step."""
+"""gradflow.train.state, .step and .loop: the config, the pure step and epoch, batching, skipping a non-finite step."""
 
 import jax
 import jax.numpy as jnp
