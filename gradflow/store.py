@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from gradflow._checks import check_choice
+
 try:  # POSIX; elsewhere the store runs without the one-writer lock
     import fcntl
 except ImportError:  # pragma: no cover
@@ -62,8 +64,7 @@ class RunStore:
         fresh: bool = False,
         clear: tuple[str, ...] = (),
     ):
-        if on_mismatch not in MISMATCH:
-            raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
+        check_choice("on_mismatch", on_mismatch, MISMATCH)
         self.dir = pathlib.Path(run_dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)

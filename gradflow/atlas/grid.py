@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from gradflow import theory
-from gradflow._checks import check_subset
+from gradflow._checks import check_choice, check_subset
 from gradflow.theory import quadrature
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
@@ -83,8 +83,7 @@ class AtlasConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid={self.grid!r} is not one of {GRIDS}")
+        check_choice("grid", self.grid, GRIDS)
         if not self.activations and not self.cells and not self.nets:
             raise ValueError("activations, cells and nets are all empty: the grid has no configuration")
         if self.activations:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import activations
-from gradflow._checks import check_choice, check_int
+from gradflow._checks import check_choice, check_int, check_real
 from gradflow.nn.chains import WHOLE, Chain, Segment, provides_chain
 from gradflow.nn.layers import PReLU, RReLU
 
@@ -60,8 +60,7 @@ def _check_block_options(stack: Any) -> None:
     _check_activation(stack.activation)
     if stack.residual == "fixup" and stack.norm is not None:
         raise ValueError("residual='fixup' replaces normalization; use norm=None")
-    if not 0.0 <= stack.dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {stack.dropout_rate}")
+    check_real("dropout_rate", stack.dropout_rate, lo=0.0, hi=1.0)
 
 
 class Block(nn.Module):
