@@ -64,6 +64,75 @@ def test_a_product_of_circular_convs_matches_jacfwd_and_the_chain_engine():
     assert fft.widths.tolist() == [108] * 4
 
 
+def test_a_conv_stack_goes_to_the_fft_path_through_its_chain():
+    """conv_stack_spectra of a linear circular 2-D ConvStack (its kernels read through the chain)
+    equals the general engine, model_spectra(method="exact"), layer by layer, with its names."""
+    model = ConvStack(
+        depth=3, channels=2, kernel_size=3, spatial_dims=2, activation="linear", add_channel=True,
+        kernel_init=gi.gaussian(1.2), bias_init=nn.initializers.normal(0.3),
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(4), (6, 6))
+    variables = model.init(jax.random.key(5), x)
+    engine = spectra.model_spectra(model, variables, x, method="exact")
+    fft = spectra.conv_stack_spectra(model, variables, x)
+    assert fft.layers == engine.layers == ("stage1[1]", "stage1[2]", "stage1[3]")
+    assert fft.widths.tolist() == engine.widths.tolist() == [72] * 3
+    np.testing.assert_allclose(fft.log_singular_values, engine.log_singular_values, atol=1e-4)
+    assert fft.log_singular_values[-1, 0] - fft.log_singular_values[-1, -1] > 3  # a real spread
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(activation="tanh"), "activation='tanh' (the FFT path needs one of ('linear', 'identity'))"),
+        (dict(padding="same"), "padding='same'"),
+        (dict(norm="layer"), "norm='layer'"),
+        (dict(residual="plain"), "residual='plain'"),
+        (dict(channels=(2, 4)), "channels=(2, 4) (the FFT path needs one stage)"),
+    ],
+)
+def test_a_conv_stack_that_is_not_circulant_is_refused_naming_the_general_engine(fields, named):
+    model = ConvStack(
+        **{
+            "depth": 2,
+            "channels": 2,
+            "spatial_dims": 1,
+            "activation": "identity",
+            "add_channel": True,
+            **fields,
+        }
+    )
+    x = jnp.ones((8,))
+    with pytest.raises(ValueError, match=r"not a product of circular convolutions") as e:
+        spectra.conv_stack_spectra(model, None, x)
+    assert named in str(e.value) and "spectra.model_spectra(model, variables, x)" in str(e.value)
+
+
+def test_conv_stack_spectra_refuses_other_models_and_batches():
+    from gradflow.nn import MLPStack
+
+    with pytest.raises(
+        ValueError, match="takes a gradflow ConvStack, got MLPStack; use spectra.model_spectra"
+    ):
+        spectra.conv_stack_spectra(MLPStack(depth=2, width=4), None, jnp.ones(4))
+    model = ConvStack(depth=2, channels=2, spatial_dims=1, activation="identity", add_channel=True)
+    with pytest.raises(ValueError, match=r"one example of 1 axes \(no batch axis\), got shape \(2, 8\)"):
+        spectra.conv_stack_spectra(model, None, jnp.ones((2, 8)))
+    with pytest.raises(ValueError, match="method must be one of"):
+        spectra.conv_spectra(jnp.ones((2, 3, 2, 2)), (8,), method="svd")
+
+
+def test_the_qr_walk_matches_the_chain_engine_walk_at_depth():
+    """The one-QR-a-layer walk against the general engine's (QR + LQ) on the same frequencies,
+    at a depth whose spread (e^-300 to e^+5) no dense product holds in float32."""
+    depth, c = 200, 4
+    kernels = jax.vmap(lambda k: gi.gaussian(1.0)(k, (3, c, c)))(jax.random.split(jax.random.key(6), depth))
+    qr = spectra.conv_spectra(kernels, (8,), depths=[50, depth]).log_singular_values
+    ref = spectra.conv_spectra(kernels, (8,), depths=[50, depth], method="chain").log_singular_values
+    np.testing.assert_allclose(qr, ref, atol=2e-3)
+    assert qr[1, 0] - qr[1, -1] > 20
+
+
 def _walk(c, h, depth):
     """The chain's first `depth` layers applied to h, one by one."""
     for i in range(depth):

@@ -3,6 +3,7 @@
 from gradflow.spectra._exact import log_singular_values as log_singular_values
 from gradflow.spectra.conv import conv_spectra as conv_spectra
 from gradflow.spectra.conv import conv_spectrum as conv_spectrum
+from gradflow.spectra.conv import conv_stack_spectra as conv_stack_spectra
 from gradflow.spectra.core import AUTO_EXACT_SIZE as AUTO_EXACT_SIZE
 from gradflow.spectra.core import AUTO_K as AUTO_K
 from gradflow.spectra.core import METHODS as METHODS
@@ -18,6 +19,7 @@ __all__ = [
     "METHODS",
     "chain_spectra",
     "conv_spectra",
+    "conv_stack_spectra",
     "conv_spectrum",
     "jacobian_spectra",
     "log_singular_values",
