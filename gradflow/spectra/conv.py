@@ -256,6 +256,7 @@ def _qr_logs(kernels, cos_FxT, sin_FxT, *, record, tol, batch):
     mask[list(record)] = True
     num_f = cos_FxT.shape[0]
     chunks = -(-num_f // batch)
+    batch = -(-num_f // chunks)  # equal chunks: the last one padded by fewer than `chunks` rows
     pad = lambda a: jnp.concatenate([a, jnp.zeros((chunks * batch - num_f, *a.shape[1:]), a.dtype)])  # noqa: E731
     cos_, sin_ = (pad(a).reshape(chunks, batch, -1) for a in (cos_FxT, sin_FxT))
     logs = lax.map(lambda cs: _qr_walk(kernels[:hi], cs[0], cs[1], jnp.asarray(mask), tol), (cos_, sin_))
