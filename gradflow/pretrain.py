@@ -81,7 +81,8 @@ from gradflow.nn.chains import (
 from gradflow.nn.chains import chain as make_chain
 from gradflow.nn.mlp import MLPStack
 from gradflow.optim import OptimConfig, make_optimizer
-from gradflow.train import diagnostics as dg
+from gradflow.train.diagnostics import entry_norms
+from gradflow.train.layers import activation_fn, layout
 from gradflow.train.loop import train_epochs
 from gradflow.train.state import TrainConfig, TrainState, check_data, init_state, run_keys
 from gradflow.train.step import task_loss
@@ -209,7 +210,7 @@ def _pretrain(
     variables = {"params": params}
     c = make_chain(model, variables, x, layers=layers, check=False)
     greedy = {(s, i): g for s, i, g in _greedy(c)}
-    stack_phi = dg.activation_fn(model) if builds_chain(model) else None
+    stack_phi = activation_fn(model) if builds_chain(model) else None
     phi = stack_phi if cfg.decoder_activation == "mirror" else None
     nan = jnp.full((), jnp.nan, x.dtype)
     blank = (jnp.full((cfg.steps_per_layer,), jnp.nan, x.dtype), nan, nan, nan)
@@ -332,7 +333,7 @@ def layer_grad_norms(
       model: a gradflow stack or any model `gradflow.nn.chain` can cut.
       params: its parameters.
       x: a batch of inputs (B, D); y: its labels (B,) or targets.
-      task: "classification" or "regression" (`gradflow.train.task_loss`).
+      task: "classification" or "regression" (`gradflow.train.step.task_loss`).
 
     Returns:
       (L + 2,) norms in the order of `gradflow.train.layout(...).names`: embed, blocks 1..L, head.
@@ -342,7 +343,7 @@ def layer_grad_norms(
         return task_loss(model.apply({"params": p}, jnp.asarray(x)), jnp.asarray(y), task)[0]
 
     grads = jax.grad(loss)(params)
-    return dg.entry_norms(dg.layout(model, {"params": params}, x), grads)
+    return entry_norms(layout(model, {"params": params}, x), grads)
 
 
 def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> tuple[TrainState, dict]:
@@ -359,7 +360,7 @@ def finetune(model: nn.Module, params: Params, cfg: TrainConfig, data: Data) -> 
       data: (x_train, y_train, x_test, y_test); the test pair may be (None, None).
 
     Returns:
-      (final state, epochs): `epochs` holds `gradflow.train.summarize_epoch`'s entries with a
+      (final state, epochs): `epochs` holds `gradflow.train.loop.summarize_epoch`'s entries with a
       leading axis cfg.epochs, plus test_loss / test_accuracy with test data. One compiled
       program serves every `cfg.seed`.
     """

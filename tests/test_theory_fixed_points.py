@@ -152,7 +152,7 @@ def test_a_marginal_fixed_point_converges(x64):
     # A double root keeps L(q) - q of one sign on both sides (negative: L(q) < q), so the map
     # reaches it from above. This one is flat (|r| < 2e-6 within 5% of q_t): from q0 = 1.05 q_t
     # the scan's first step of 0.1 in log q straddles it with |r| falling, and it is stepped
-    # over, as `gradflow._length_map` documents; from further up it is found.
+    # over, as `gradflow.theory._length_map` documents; from further up it is found.
     r = [math.log(float(T.length_map(name, q_t * f, sw_t, sb)) / (q_t * f)) for f in (1 / 1.05, 1.05)]
     assert r[0] < 0 and r[1] < 0
     for f in (1.2, 3.0):

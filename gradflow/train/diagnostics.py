@@ -59,10 +59,6 @@ import jax.numpy as jnp
 from gradflow.numerics import stable_norm
 from gradflow.train.layers import Layout
 
-# pretrain.py still asks these of this module; they live in gradflow.train.layers
-from gradflow.train.layers import activation_fn as activation_fn
-from gradflow.train.layers import layout as layout
-
 NONFINITE_KINDS = ("none", "param", "activation", "loss", "gradient", "update")
 SATURATION_THRESHOLD = 0.01
 
