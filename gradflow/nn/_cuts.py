@@ -103,14 +103,19 @@ def _run(target: Any, variables: Any, x: Any, options: tuple, events: _Events, f
 
 def _run_events(target: Any, variables: Any, x: Any, options: tuple, events: _Events, full: bool) -> Any:
 
-    def on_cut(name, h):
-        return events.hit("cut", events.name(name), lambda: h)
+    def on_cut(name, h, kind="cut"):
+        return events.hit(kind, events.name(name), lambda: h)
 
     if isinstance(target, nn.Module):
 
         def interceptor(next_fun, args, kwargs, context):
             path = context.module.path
-            if context.method_name != "__call__" or not path:
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            if _is_to_linen(context.module):  # an nnx model in flax's bridge: cut at its submodules
+                method = _AnnouncingMethod(kwargs.get("nnx_method"), "/".join(path))
+                kwargs = {**kwargs, "nnx_method": method}
+            if not path:
                 return next_fun(*args, **kwargs)
             return events.hit("module", events.name("/".join(path)), lambda: next_fun(*args, **kwargs))
 
@@ -164,37 +169,85 @@ class _NnxApply:
 
         module = nnx.merge(self.graphdef, state)
         if self.children:
-            for name, value in list(vars(module).items()):
-                if isinstance(value, (list, tuple, nnx.List)):  # nnx.List is itself a Module
-                    if any(isinstance(v, nnx.Module) for v in value):
-                        wrapped = [
-                            _Announced(v, f"{name}.{i}") if isinstance(v, nnx.Module) else v
-                            for i, v in enumerate(value)
-                        ]
-                        object.__setattr__(module, name, wrapped)
-                elif isinstance(value, nnx.Dict):
-                    wrapped = {
-                        k: _Announced(v, f"{name}.{k}") if isinstance(v, nnx.Module) else v
-                        for k, v in value.items()
-                    }
-                    object.__setattr__(module, name, wrapped)
-                elif isinstance(value, nnx.Module):
-                    object.__setattr__(module, name, _Announced(value, name))
+            _announce_children(module, "", "cut")
         return module(x)
+
+
+def _announce_children(module: Any, prefix: str, kind: str) -> dict[str, Any]:
+    """Wrap `module`'s top-level submodules (attributes, and the items of an nnx.List/Dict) so
+    that each call's output is reported as an event of `kind` named by its attribute ("l1",
+    "blocks.0"), after `prefix` + "/" if given. Returns the attributes replaced (to restore)."""
+    from flax import nnx
+
+    def announced(v: Any, name: str) -> Any:
+        if not isinstance(v, nnx.Module):
+            return v
+        return _Announced(v, f"{prefix}/{name}" if prefix else name, kind)
+
+    replaced = {}
+    for name, value in list(vars(module).items()):
+        if isinstance(value, (list, tuple, nnx.List)):  # nnx.List is itself a Module
+            if any(isinstance(v, nnx.Module) for v in value):
+                replaced[name] = value
+                object.__setattr__(module, name, [announced(v, f"{name}.{i}") for i, v in enumerate(value)])
+        elif isinstance(value, nnx.Dict):
+            replaced[name] = value
+            object.__setattr__(module, name, {k: announced(v, f"{name}.{k}") for k, v in value.items()})
+        elif isinstance(value, nnx.Module):
+            replaced[name] = value
+            object.__setattr__(module, name, announced(value, name))
+    return replaced
 
 
 @dataclasses.dataclass(frozen=True)
 class _Announced:
-    """A submodule whose call's output is a `cut` named `name` (see `_NnxApply.children`)."""
+    """A submodule whose call's output is reported as an event named `name` (a `cut` marker, or
+    a "module" event like a linen submodule's call: see `_announce_children`)."""
 
     module: Any
     name: str
+    kind: str = "cut"
 
     def __call__(self, *args, **kwargs):
-        return cut(self.module(*args, **kwargs), self.name)
+        out = self.module(*args, **kwargs)
+        hook = _HOOK.get()
+        return out if hook is None else hook(self.name, out, self.kind)
 
     def __getattr__(self, attr: str) -> Any:  # its parameters and methods (tied weights, ...)
         return getattr(self.module, attr)
+
+
+def _is_to_linen(module: Any) -> bool:
+    """Whether a linen module is flax's bridge of an nnx model (`nnx.bridge.ToLinen`/`to_linen`)."""
+    try:
+        from flax.nnx import bridge
+    except ImportError:  # pragma: no cover - flax without nnx
+        return False
+    return isinstance(module, bridge.ToLinen)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnnouncingMethod:
+    """The `nnx_method` given to an `nnx.bridge.ToLinen` call while gradflow runs it: the nnx
+    module's own method (None: `__call__`), with its top-level submodules' outputs reported as
+    module events, as a linen model's submodule calls are through `nn.intercept_methods`.
+
+    ToLinen builds the nnx module afresh on each call and reads its state back after the method
+    returns, so the submodules are put back before that.
+    """
+
+    method: Any
+    prefix: str
+
+    def __call__(self, module: Any, *args, **kwargs) -> Any:
+        method = "__call__" if self.method is None else self.method
+        method = getattr(type(module), method) if isinstance(method, str) else method
+        replaced = _announce_children(module, self.prefix, "module")
+        try:
+            return method(module, *args, **kwargs)
+        finally:
+            for name, value in replaced.items():
+                object.__setattr__(module, name, value)
 
 
 def takes_train(model: nn.Module) -> bool:
@@ -241,8 +294,11 @@ def call_order(model: nn.Module, variables: Any, x: Any) -> list[str]:
     """
     events, _ = _probe(model, variables, x, _options(model, variables, False))
     order: list[str] = []
+    params = variables.get("params", {}) if isinstance(variables, dict) else {}
     for _, name, _ in events.seen:
         top = name.split("#")[0].split("/")[0]
+        if top not in params and top.split(".")[0] in params:  # "blocks.0" of an nnx model
+            top = top.split(".")[0]
         if top not in order:
             order.append(top)
     return order
@@ -322,13 +378,19 @@ def _check_arrays(events: _Events, cuts: tuple[str, ...]) -> None:
             )
 
 
-def _param_path(target: Any, name: str, params: Any) -> tuple[str, ...] | None:
+def _param_path(target: Any, name: str, params: Any) -> tuple[Any, ...] | None:
+    """Where cut `name`'s own parameters sit in `params`: its module path ("stage2/block1"), an
+    nnx attribute path in flax's bridge ("blocks.0": params["blocks"][0]); None if nowhere."""
     if not isinstance(target, nn.Module) or name == "output":
         return None
-    path = tuple(name.split("#")[0].split("/"))
+    path: list[Any] = []
     tree = params
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return path
+    for part in name.split("#")[0].split("/"):
+        for key in [part] if isinstance(tree, dict) and part in tree else part.split("."):
+            if isinstance(tree, dict) and key not in tree and key.isdigit():
+                key = int(key)  # an nnx.List item: the bridge keys it by its index
+            if not isinstance(tree, dict) or key not in tree:
+                return None
+            path.append(key)
+            tree = tree[key]
+    return tuple(path)

@@ -29,6 +29,12 @@ Where chains come from (`chain(model, variables, x, layers=...)`):
   whose layer boundaries are marked with `cut(h, "name")`, an identity marker. An nnx module
   without markers is cut at its top-level submodules' outputs, named by attribute ("stem",
   "blocks.0" for a list of them).
+- an nnx model in flax's linen bridge (`nnx.bridge.to_linen(Net, ...)`, how the trainer takes
+  one) builds the nnx module inside its call, where no linen interception reaches; that call
+  is run with an `nnx_method` (the bridge's own argument) that reports the nnx module's
+  top-level submodules' outputs as linen submodule calls are reported, named as for an nnx
+  module ("stem", "blocks.0"; "net/stem" inside a linen model); their parameters are the
+  bridge's variables at that path (params["blocks"][0]).
 
 Layer l's map of an adapted model is the whole model run with cut l-1's output replaced by h
 and cut l's output returned: under `jit` everything outside that stretch is dead code.
@@ -279,9 +285,9 @@ def chain(
     """Any model as a `Chain` of named layer maps (see the module docstring).
 
     Args:
-      model: a gradflow stack, a `flax.linen.Module`, a `flax.nnx.Module` (cut markers, else its
-        top-level submodules), or a
-        plain function f(params, x) with `cut` markers.
+      model: a gradflow stack, a `flax.linen.Module` (an `nnx.bridge.to_linen` model: cut at
+        its nnx module's top-level submodules), a `flax.nnx.Module` (cut markers, else its
+        top-level submodules), or a plain function f(params, x) with `cut` markers.
       variables: the model's variables (linen: {"params": ..., "batch_stats": ...}; a plain
         function: its params; nnx: ignored, pass None).
       x: one input as the model takes it; the chain starts from it (stacks: from embed(x)).
