@@ -27,7 +27,7 @@ def test_widths_mlp_rank_bounds_and_he_vs_glorot(tmp_path, load_experiment):
     )
 
 
-def test_rank_collapse_without_residuals_and_spectra_against_float64(tmp_path, load_experiment):
+def test_rank_collapse_without_skips_and_spectra_against_float64(tmp_path, load_experiment):
     import jax
     import jax.numpy as jnp
 
@@ -38,18 +38,40 @@ def test_rank_collapse_without_residuals_and_spectra_against_float64(tmp_path, l
     q = exp.QUICK
     result = exp.run(**q, out=tmp_path, verbose=False)
     assert json.loads((tmp_path / "result.json").read_text()) == result
-    res, pure = result["arms"]["residual"], result["arms"]["no_residual"]
-    # pure attention: doubly exponential collapse to one token (Dong et al. 2021); res(X) falls
-    # faster than geometrically and the tokens become parallel
-    r = np.asarray(pure["res"])
-    assert r[-1] < 1e-6 * r[0] and r[2] / r[1] < r[1] / r[0]
-    assert pure["cosine"][-1] > 0.9999
-    assert pure["log_tail_over_max"] < -20  # the end-to-end Jacobian has rank <= d left
-    # with residuals (and MLPs) the tokens stay apart and the Jacobian keeps its rank
-    assert min(res["res"]) > 0.2 and res["cosine"][-1] < 0.95 and res["log_tail_over_max"] > -5
-    # the exact spectra against float64 jacfwd + SVD of the blocks composed by hand
-    got = spectra.SpectraResult.load(tmp_path / "spectra_residual.npz").log_singular_values
+    arms = result["arms"]
+    assert set(arms) == {"attention", "attention_mlp", "attention_skip", "attention_skip_mlp"}
+    # the fit recovers a known doubly exponential fall, res_l = exp(-0.5 * 3^l): a = 3
+    fit = exp.doubly_exponential_fit(np.exp(-0.5 * 3.0 ** np.arange(5)))
+    assert fit["a"] == pytest.approx(3.0, rel=1e-9) and fit["points"] == 3
+    # without skips (with or without MLPs) the tokens collapse doubly exponentially (Dong et al.
+    # 2021): res_{l+1} ~ C res_l^a with a well above 1 (their bound: a = 3), down to float64
+    # rounding, and the tokens become parallel
+    for arm in ("attention", "attention_mlp"):
+        r = arms[arm]
+        assert r["fit"]["points"] >= 2 and r["fit"]["a"] > 2.0
+        assert r["res"][-1] < 1e-14 and r["cosine"][-1] > 0.9999
+    assert arms["attention"]["log_tail_over_max"] < -20  # the end-to-end Jacobian has rank <= d left
+    # skip connections stop it, with or without MLPs: the tokens stay apart, nothing to fit
+    for arm in ("attention_skip", "attention_skip_mlp"):
+        r = arms[arm]
+        assert min(r["res"]) > 0.2 and r["cosine"][-1] < 0.95 and r["fit"]["a"] is None
+    assert arms["attention_skip_mlp"]["log_tail_over_max"] > -5  # and the Jacobian keeps its rank
     x = exp.tokens(q["seq_len"], q["vocab"], q["dim"], 0)
+    # the collapsing arm's res(X_l) against the float64 blocks composed by hand, in numpy
+    pure = exp.Transformer(q["depth"], q["heads"], q["vocab"], residual=False, mlp=False)
+    pure_params = pure.init(jax.random.key(1), x)["params"]
+    pure_block = exp.Block(q["heads"], residual=False, mlp=False, parent=None)
+    with x64():
+        h = jnp.asarray(x, jnp.float64)
+        for i in range(q["depth"]):
+            p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), pure_params[f"Block_{i}"])
+            h = pure_block.apply({"params": p64}, h)
+            hn = np.asarray(h[0])
+            want = np.linalg.norm(hn - hn.mean(axis=0)) / np.linalg.norm(hn)
+            got = arms["attention"]["res"][i]
+            assert got == pytest.approx(want, rel=1e-6) if want > 1e-13 else got < 1e-14
+    # the exact spectra against float64 jacfwd + SVD of the blocks composed by hand
+    got = spectra.SpectraResult.load(tmp_path / "spectra_attention_skip_mlp.npz").log_singular_values
     model = exp.Transformer(q["depth"], q["heads"], q["vocab"])
     params = model.init(jax.random.key(1), x)["params"]
     block = exp.Block(q["heads"], parent=None)
