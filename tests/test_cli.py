@@ -137,11 +137,8 @@ def _float64_products_log_sv(model, variables, x):
 @pytest.mark.parametrize(
     "flags, layers",
     [
-        # 2-D circular conv stack of two stages on an 8 x 8 digits image: 8x8x2 -> 4x4x3 states
-        (
-            ["--model.kind", "conv", "--model.spatial-dims", "2", "--model.stages", "3", "--input", "digits"],
-            ["stage1[1]", "stage1[2]", "down2", "stage2[1]", "stage2[2]"],
-        ),
+        # a circular conv stack of two one-block stages on MNIST-1D's 40 samples: 40x2 -> 20x3 states
+        (["--model.kind", "conv", "--model.stages", "3"], ["stage1[1]", "down2", "stage2[1]"]),
         # a pre-LN Transformer on MNIST-1D's 40 samples as 4 tokens of 10: 4 x 4 token states
         (
             ["--model.kind", "transformer", "--model.heads", "2", "--model.tokens", "4"],
@@ -158,17 +155,14 @@ def test_spectra_of_conv_and_transformer_kinds_against_float64(flags, layers, tm
     from gradflow import data
 
     out = tmp_path / "spectra"
-    argv = ["spectra", "--model.depth", "2", "--model.width", "2" if "conv" in flags else "4", *flags]
+    conv = "conv" in flags
+    argv = ["spectra", "--model.depth", "1" if conv else "2", "--model.width", "2" if conv else "4", *flags]
     assert cli.main([*argv, "--model.activation", "tanh", "--out", str(out)]) == 0
     saved = np.load(out / "spectra.npz")
     assert list(saved["layers"]) == layers
     cmd = tyro.extras.subcommand_cli_from_dict({"spectra": cli.Spectra}, args=argv)
     model = cmd.model.build()
-    flat = (
-        data.digits(seed=0).x_train[:1]
-        if "digits" in flags
-        else data.mnist1d(seed=0, num_samples=100).x_train[:1]
-    )
+    flat = data.mnist1d(seed=0, num_samples=100).x_train[:1]
     x = cli._examples(cmd.model, np.asarray(flat), cmd.input)
     variables = model.init(jax.random.key(0), x)
     wants = _float64_products_log_sv(model, variables, x[0])
@@ -176,9 +170,9 @@ def test_spectra_of_conv_and_transformer_kinds_against_float64(flags, layers, tm
         np.testing.assert_allclose(row[: want.size], want, atol=2e-4, err_msg=name)
 
 
-def test_transformer_kind_reads_an_example_as_the_atlas_does_and_trains(tmp_path):
-    """`gradflow train --model.kind transformer`: MNIST-1D signals as `TOKENS` float tokens, the
-    atlas's reading (`atlas.measure`); the config's fields reach the TransformerStack."""
+def test_examples_are_laid_out_as_each_kind_reads_them():
+    """A Transformer reads MNIST-1D signals as `TOKENS` float tokens, the atlas's reading
+    (`atlas.measure`); a 2-D conv stack reads digits' 64 pixels as the 8 x 8 image."""
     from gradflow.atlas import measure
     from gradflow.nn import StackConfig, config
 
@@ -188,6 +182,16 @@ def test_transformer_kind_reads_an_example_as_the_atlas_does_and_trains(tmp_path
     np.testing.assert_array_equal(
         cli._examples(cfg, x, "mnist1d"), x.reshape(2, measure.TOKENS, measure.SIGNAL // measure.TOKENS)
     )
+    pixels = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+    images = cli._examples(StackConfig(kind="conv", spatial_dims=2), pixels, "digits")
+    np.testing.assert_array_equal(images, pixels.reshape(2, 8, 8))
+    assert cli._examples(StackConfig(kind="conv"), x, "mnist1d") is x  # 1-D: the signal as it is
+
+
+def test_transformer_kind_trains(tmp_path):
+    """`gradflow train --model.kind transformer` on MNIST-1D; the config's fields reach the stack."""
+    from gradflow.nn import StackConfig
+
     m = StackConfig(kind="transformer", width=8, heads=2, ln="none", skip=False, mlp=False, tokens=5).build()
     assert (m.ln, m.residual, m.activation, m.max_len, m.heads) == (None, False, None, 5, 2)
     assert StackConfig(kind="transformer", ln="post").build().ln == "post"
