@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import activations, data, initializers, theory, train
+from gradflow import activations, data, initializers, progress, theory, train
 from gradflow.nn import MLPStack
 from gradflow.numerics import stable_norm, x64
 from gradflow.optim import OptimConfig, make_optimizer
@@ -181,7 +181,10 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     ds = data.mnist1d(seed=seed, num_samples=num_samples, cache_dir=cache_dir)
     arrays = (ds.x_train, ds.y_train, ds.x_test, ds.y_test)
-    configs = {name: run_config(name, depth, width, arrays, epochs, seed) for name in CONFIGS}
+    configs = {
+        name: run_config(name, depth, width, arrays, epochs, seed)
+        for name in progress.track(CONFIGS, f"configurations (train {epochs} epochs each)", verbose=verbose)
+    }
     result = {
         "depth": depth,
         "width": width,

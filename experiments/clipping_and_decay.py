@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradflow import data, initializers, train
+from gradflow import data, initializers, progress, train
 from gradflow.nn import RNNStack
 from gradflow.optim import OptimConfig, make_optimizer
 
@@ -248,30 +248,35 @@ def run(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    clip = clipping(
-        seq_len=seq_len,
-        hidden=hidden,
-        gain=gain,
-        lr=lr,
-        clip_value=clip_value,
-        epochs=epochs,
-        num_samples=num_samples,
-        seeds=seeds,
-    )
-    x = jnp.zeros((2, seq_len, 2))
-    params = RNNStack(hidden=hidden, bias_init=initializers.bias(0.1)).init(jax.random.key(0), x)["params"]
-    oracle = decay_oracle(params, lr=decay_lr, wd=weight_decay, steps=decay_steps)
-    result = {"clipping": clip, "decay_oracle": oracle}
-    if train_decay:
-        result["decay_training"] = decay_training(
+    with progress.stage(f"(a) clipping sweep: {2 * len(seeds)} RNNs, {epochs} epochs", verbose=verbose):
+        clip = clipping(
             seq_len=seq_len,
             hidden=hidden,
+            gain=gain,
             lr=lr,
-            wd=weight_decay,
+            clip_value=clip_value,
             epochs=epochs,
             num_samples=num_samples,
             seeds=seeds,
         )
+    x = jnp.zeros((2, seq_len, 2))
+    params = RNNStack(hidden=hidden, bias_init=initializers.bias(0.1)).init(jax.random.key(0), x)["params"]
+    with progress.stage(f"(b) decay oracle: {decay_steps} steps", verbose=verbose):
+        oracle = decay_oracle(params, lr=decay_lr, wd=weight_decay, steps=decay_steps)
+    result = {"clipping": clip, "decay_oracle": oracle}
+    if train_decay:
+        with progress.stage(
+            f"(b) training with and without weight decay: 2 sweeps, {epochs} epochs", verbose=verbose
+        ):
+            result["decay_training"] = decay_training(
+                seq_len=seq_len,
+                hidden=hidden,
+                lr=lr,
+                wd=weight_decay,
+                epochs=epochs,
+                num_samples=num_samples,
+                seeds=seeds,
+            )
     result["seconds"] = time.perf_counter() - t0
     result["cpu_seconds"] = _cpu_seconds() - c0
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -48,7 +48,7 @@ import pathlib
 import jax
 import numpy as np
 
-from gradflow import initializers, spectra, theory
+from gradflow import initializers, progress, spectra, theory
 from gradflow.nn import ConvStack
 from gradflow.numerics import x64
 
@@ -141,7 +141,9 @@ def run(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = {}
-    for name, (ensemble, sw, sb) in CONFIGS.items():
+    for name, (ensemble, sw, sb) in progress.track(
+        CONFIGS.items(), f"nets ({seeds} seeds each)", verbose=verbose
+    ):
         point = theory_point(ensemble, sw, sb)
         configs[name] = {
             "ensemble": ensemble,

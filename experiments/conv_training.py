@@ -53,7 +53,7 @@ import time
 
 import numpy as np
 
-from gradflow import data, initializers, theory, train
+from gradflow import data, initializers, progress, theory, train
 from gradflow.nn import ConvStack
 from gradflow.numerics import x64
 from gradflow.optim import OptimConfig
@@ -118,32 +118,33 @@ def run(
         epochs=epochs, batch_size=batch, diagnostics_every=steps_per_epoch, optim=OptimConfig("adam", lr)
     )
     nets = {}
-    for d in (control_depth, depth) if control_depth else (depth,):
-        for ensemble in ENSEMBLES:
-            t0 = time.perf_counter()
-            r = train.sweep(
-                model(ensemble, d, channels, sigma_w), cfg, arrays, train.grid(cfg, seeds=range(seeds))
+    depths = (control_depth, depth) if control_depth else (depth,)
+    todo = [(d, ensemble) for d in depths for ensemble in ENSEMBLES]
+    for d, ensemble in progress.track(todo, f"nets ({seeds} seeds x {epochs} epochs each)", verbose=verbose):
+        t0 = time.perf_counter()
+        r = train.sweep(
+            model(ensemble, d, channels, sigma_w), cfg, arrays, train.grid(cfg, seeds=range(seeds))
+        )
+        ep = r.epochs
+        blocks = [i for i, n in enumerate(r.diagnostic_layers) if n.startswith("stage1[")]
+        g0 = np.asarray(ep["grad_norm"])[:, 0][:, blocks]  # (seeds, depth) at the first step
+        nets[f"{ensemble}_L{d}"] = {
+            "ensemble": ensemble,
+            "depth": d,
+            "train_accuracy": np.asarray(ep["accuracy"]).mean(axis=0).tolist(),
+            "test_accuracy": np.asarray(ep["test_accuracy"]).mean(axis=0).tolist(),
+            "test_accuracy_per_seed": np.asarray(ep["test_accuracy"])[:, -1].tolist(),
+            "grad_norm_last_over_first_block_at_init": float(np.mean(g0[:, -1] / g0[:, 0])),
+            "seconds": time.perf_counter() - t0,
+        }
+        if verbose:
+            n = nets[f"{ensemble}_L{d}"]
+            print(
+                f"{ensemble:16s} depth {d:4d}: test accuracy {n['test_accuracy'][0]:.3f} -> "
+                f"{n['test_accuracy'][-1]:.3f} after {epochs} epochs, block L / block 1 gradient at "
+                f"init {n['grad_norm_last_over_first_block_at_init']:.2f} ({n['seconds']:.0f} s)",
+                flush=True,
             )
-            ep = r.epochs
-            blocks = [i for i, n in enumerate(r.diagnostic_layers) if n.startswith("stage1[")]
-            g0 = np.asarray(ep["grad_norm"])[:, 0][:, blocks]  # (seeds, depth) at the first step
-            nets[f"{ensemble}_L{d}"] = {
-                "ensemble": ensemble,
-                "depth": d,
-                "train_accuracy": np.asarray(ep["accuracy"]).mean(axis=0).tolist(),
-                "test_accuracy": np.asarray(ep["test_accuracy"]).mean(axis=0).tolist(),
-                "test_accuracy_per_seed": np.asarray(ep["test_accuracy"])[:, -1].tolist(),
-                "grad_norm_last_over_first_block_at_init": float(np.mean(g0[:, -1] / g0[:, 0])),
-                "seconds": time.perf_counter() - t0,
-            }
-            if verbose:
-                n = nets[f"{ensemble}_L{d}"]
-                print(
-                    f"{ensemble:16s} depth {d:4d}: test accuracy {n['test_accuracy'][0]:.3f} -> "
-                    f"{n['test_accuracy'][-1]:.3f} after {epochs} epochs, block L / block 1 gradient at "
-                    f"init {n['grad_norm_last_over_first_block_at_init']:.2f} ({n['seconds']:.0f} s)",
-                    flush=True,
-                )
     result = {
         "sigma_w": sigma_w,
         "sigma_b": SIGMA_B,

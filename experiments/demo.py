@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradflow import initializers, spectra
+from gradflow import initializers, progress, spectra
 from gradflow.nn import MLPStack
 from gradflow.train import diagnostics, layout
 
@@ -33,21 +33,36 @@ CONFIGS = {
 }
 
 
-def measure(activation: str, init: str, depth: int, width: int, key: jax.Array) -> dict:
-    """Per-layer gradient norms and Jacobian spectra of one MLPStack at initialization."""
-    kx, ky, kp = jax.random.split(key, 3)
-    x = jax.random.normal(kx, (128, width))
-    y = jax.random.randint(ky, (128,), 0, 10)
-    model = MLPStack(depth=depth, width=width, activation=activation, kernel_init=initializers.get(init))
-    variables = model.init(kp, x)
+def measure(
+    activation: str,
+    init: str,
+    depth: int,
+    width: int,
+    key: jax.Array,
+    *,
+    name: str = "",
+    verbose: bool = False,
+) -> dict:
+    """Per-layer gradient norms and Jacobian spectra of one MLPStack at initialization.
 
-    def loss(params):
-        logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    verbose reports its two stages (the gradient, then the spectra: each mostly compiling) as `name`.
+    """
+    with progress.stage(f"{name}: gradient (compile + run)", verbose=verbose):
+        kx, ky, kp = jax.random.split(key, 3)
+        x = jax.random.normal(kx, (128, width))
+        y = jax.random.randint(ky, (128,), 0, 10)
+        model = MLPStack(depth=depth, width=width, activation=activation, kernel_init=initializers.get(init))
+        variables = model.init(kp, x)
 
-    grads = jax.grad(loss)(variables["params"])
-    norms = diagnostics.layer_norms(layout(model, variables, x), grads)  # (depth,): the blocks
-    res = spectra.model_spectra(model, variables, x[0])
+        def loss(params):
+            logits = model.apply({"params": params}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss)(variables["params"])
+        norms = diagnostics.layer_norms(layout(model, variables, x), grads)  # (depth,): the blocks
+        norms.block_until_ready()
+    with progress.stage(f"{name}: spectra (compile + run)", verbose=verbose):
+        res = spectra.model_spectra(model, variables, x[0])
     return {"grad_norms": np.asarray(norms), "spectra": res}
 
 
@@ -63,9 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     results = {}
+    print(
+        f"{len(CONFIGS)} MLPs of depth {args.depth}, width {args.width}, at initialization: per-layer"
+        " gradient norms and Jacobian spectra (most of the time is XLA compiling)"
+    )
     print(f"{'config':18s} {'|g_1|/|g_L|':>12s} {'log smax(J_L)':>14s} {'log smin(J_L)':>14s}")
-    for name, (act, init) in CONFIGS.items():
-        r = measure(act, init, args.depth, args.width, jax.random.key(0))
+    for name, (act, init) in progress.track(CONFIGS.items(), f"{len(CONFIGS)} nets"):
+        r = measure(act, init, args.depth, args.width, jax.random.key(0), name=name, verbose=True)
         s = r["spectra"]
         s.save(out / f"spectra_{name}.npz")
         g = r["grad_norms"]
@@ -82,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.json").write_text(
         json.dumps({"depth": args.depth, "width": args.width, "configs": results})
     )
-    _plot(results, args.depth, out)
+    with progress.stage("plotting"):
+        _plot(results, args.depth, out)
     print(f"wrote {out}/results.json, gradient_norms.png, spectra.png and spectra_*.npz")
 
 

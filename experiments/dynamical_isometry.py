@@ -51,7 +51,7 @@ import pathlib
 import jax
 import numpy as np
 
-from gradflow import initializers, spectra, theory
+from gradflow import initializers, progress, spectra, theory
 from gradflow.nn import MLPStack
 from gradflow.numerics import x64
 
@@ -161,7 +161,9 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     points = {act: critical_point(act) for act in ("tanh", "relu")}
     configs = {}
-    for name, (act, ensemble) in CONFIGS.items():
+    for name, (act, ensemble) in progress.track(
+        CONFIGS.items(), f"configurations ({seeds} seeds each)", verbose=verbose
+    ):
         m = measure(act, ensemble, points[act], width, depth, seeds, seed)
         m.pop("_example").plot(out / f"spectra_{name}.png", title=f"{name}, width {width}")
         configs[name] = {"activation": act, "ensemble": ensemble, **m}

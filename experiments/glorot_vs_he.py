@@ -47,7 +47,7 @@ import pathlib
 
 import numpy as np
 
-from gradflow import data, initializers, theory, train
+from gradflow import data, initializers, progress, theory, train
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
 
@@ -90,7 +90,10 @@ def run(
         optim=OptimConfig("momentum", LR, momentum=0.9, clip="global_norm", clip_value=1.0),
     )
     hp = train.grid(cfg, seeds=list(range(seeds)), weight_scale=list(SCALES.values()))
-    sw = train.sweep(model, cfg, arrays, hp)
+    with progress.stage(
+        f"training {len(hp.seed)} nets (He, Glorot x {seeds} seeds), {epochs} epochs", verbose=verbose
+    ):
+        sw = train.sweep(model, cfg, arrays, hp)
     e = sw.epochs
 
     # E log2 of ||z_L||^2 / ||z_1||^2 through the L - 1 blocks after block 1 (He scale; Hanin 2018)

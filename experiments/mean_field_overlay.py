@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import spectra, theory
+from gradflow import progress, spectra, theory
 from gradflow.numerics import x64
 
 SIGMA_B = 0.3
@@ -46,12 +46,20 @@ def measure(sigma_w: float, width: int, depth: int, seeds: int) -> np.ndarray:
     return m + np.log(np.mean(np.exp(per_seed - m), axis=0))
 
 
-def run(out: str = "runs/mean_field_overlay", width: int = 256, depth: int = 30, seeds: int = 4) -> dict:
+def run(
+    out: str = "runs/mean_field_overlay",
+    width: int = 256,
+    depth: int = 30,
+    seeds: int = 4,
+    verbose: bool = False,
+) -> dict:
+    """Measure the three curves (verbose: progress per curve); write result.json and overlay.png."""
     with x64():
         critical = float(theory.critical_sigma_w("tanh", SIGMA_B))
     depths = np.arange(1, depth + 1)
     result = {"sigma_b": SIGMA_B, "width": width, "depth": depth, "seeds": seeds, "curves": {}}
-    for label, sw in (("ordered", 1.1), ("critical", critical), ("chaotic", 1.8)):
+    curves = (("ordered", 1.1), ("critical", critical), ("chaotic", 1.8))
+    for label, sw in progress.track(curves, f"curves ({seeds} seeds each)", verbose=verbose):
         with x64():
             predicted = np.asarray(theory.predict_log_mean_sq_singular("tanh", sw, SIGMA_B, depths))
         measured = measure(sw, width, depth, seeds)
@@ -104,7 +112,7 @@ if __name__ == "__main__":
     parser.add_argument("--depth", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=4)
     a = parser.parse_args()
-    r = run(a.out, a.width, a.depth, a.seeds)
+    r = run(a.out, a.width, a.depth, a.seeds, verbose=True)
     for label, c in r["curves"].items():
         print(
             f"{label:9s} sigma_w={c['sigma_w']:.4f} slope measured {c['slope_measured']:+.4f} predicted {c['slope_predicted']:+.4f}"

@@ -96,7 +96,7 @@ def main(
 ) -> dict:
     import jax
 
-    from gradflow import cli, distributed, spectra
+    from gradflow import cli, distributed, progress, spectra
 
     root = pathlib.Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -109,13 +109,15 @@ def main(
     ):
         t0 = time.perf_counter()
         argv = [sys.executable, "-m", "gradflow.cli", *_sweep_flags(depth, epochs), "--out", str(root / name)]
-        with distributed.local_processes(argv, procs, devices_per_process=devs, stdout=root) as ps:
-            codes = [p.wait(timeout=1800) for p in ps]
+        with progress.stage(f"{name}: the 32-run sweep on {procs} processes x {devs} devices"):
+            with distributed.local_processes(argv, procs, devices_per_process=devs, stdout=root) as ps:
+                codes = [p.wait(timeout=1800) for p in ps]
         if codes != [0] * procs:
             raise SystemExit(f"sweep ({procs} x {devs}): exit codes {codes}; see {root}/process*.log")
         seconds[name] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    assert cli.main([*_sweep_flags(depth, epochs), "--out", str(root / "sweep1")]) == 0
+    with progress.stage("sweep1: the same sweep in this process, 1 device"):
+        assert cli.main([*_sweep_flags(depth, epochs), "--out", str(root / "sweep1")]) == 0
     seconds["sweep1"] = time.perf_counter() - t0
     runs = {name: np.load(root / name / "epochs.npz") for name in seconds}
     a, b, c = runs["sweep4"], runs["sweep8"], runs["sweep1"]
@@ -129,9 +131,13 @@ def main(
     t0 = time.perf_counter()
     argv = [sys.executable, __file__, "--spectra-worker", str(root / "spectra.npz")]
     argv += ["--nets", str(nets), "--net-depth", str(net_depth)]
-    with distributed.local_processes(
-        argv, processes, devices_per_process=devices_per_process, stdout=root
-    ) as ps:
+    stage = progress.stage(f"spectra of {nets} nets on {processes} processes x {devices_per_process} devices")
+    with (
+        stage,
+        distributed.local_processes(
+            argv, processes, devices_per_process=devices_per_process, stdout=root
+        ) as ps,
+    ):
         codes = [p.wait(timeout=1800) for p in ps]
     if codes != [0] * processes:
         raise SystemExit(f"spectra: exit codes {codes}; see {root}/process*.log")
@@ -139,9 +145,11 @@ def main(
     got = np.load(root / "spectra.npz")["logs"]
     params, h0 = _nets(nets, net_depth)
     t0 = time.perf_counter()
-    alone = np.asarray(jax.vmap(lambda p, h: spectra.log_singular_values(_step, p, h))(params, h0))
+    with progress.stage(f"spectra of {nets} nets in this process"):
+        alone = np.asarray(jax.vmap(lambda p, h: spectra.log_singular_values(_step, p, h))(params, h0))
     one = time.perf_counter() - t0
-    ref = _float64(params, h0)
+    with progress.stage("the float64 reference (numpy SVDs)"):
+        ref = _float64(params, h0)
     # float64's explicit product resolves singular values down to ~1e-16 of the largest only;
     # gradflow's engine goes on in log space (its smallest here are far below that)
     resolved = ref > ref[..., :1] - np.log(1e8)

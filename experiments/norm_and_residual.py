@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradflow import data, initializers, theory, train
+from gradflow import data, initializers, progress, theory, train
 from gradflow.nn import MLPStack
 from gradflow.numerics import stable_norm, x64
 from gradflow.optim import OptimConfig
@@ -118,7 +118,7 @@ def run(
         lam = float(theory.batchnorm_gradient_growth("relu"))
     layers = np.arange(depth + 1)
     configs = {}
-    for name in CONFIGS:
+    for name in progress.track(CONFIGS, f"stacks at init ({seeds} seeds each)", verbose=verbose):
         m = init_measurements(make_model(name, depth, width), x, y, seeds)
         log_g = np.log(m["grad_norm"])  # (seeds, L + 1)
         slope = np.polyfit(layers[1:], log_g[:, 1:].T, 1)[0]  # per block, going up
@@ -153,7 +153,8 @@ def run(
             optim=OptimConfig("momentum", LR, momentum=0.9),
         )
         points = [train.SweepPoint(make_model(name, depth, width), cfg) for name in CONFIGS]
-        runs = train.sweep_points(points, (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+        with progress.stage(f"training the {len(points)} stacks, {epochs} epochs", verbose=verbose):
+            runs = train.sweep_points(points, (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
         for name, r in zip(CONFIGS, runs, strict=True):
             e = r["epochs"]
             configs[name]["training"] = {

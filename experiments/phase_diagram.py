@@ -12,13 +12,15 @@ import pathlib
 
 import numpy as np
 
-from gradflow import theory
+from gradflow import progress, theory
 from gradflow.numerics import x64
 
 
-def run(out: str = "runs/phase_diagram", n_w: int = 40, n_b: int = 16) -> dict:
+def run(out: str = "runs/phase_diagram", n_w: int = 40, n_b: int = 16, verbose: bool = False) -> dict:
+    """The tanh phase diagram on an n_w x n_b grid (verbose: progress); write result.json and the figure."""
     sw, sb = np.linspace(0.5, 3.0, n_w), np.linspace(0.0, 0.5, n_b)
-    with x64():  # the whole grid is one vmapped call
+    stage = progress.stage(f"mean-field maps on the {n_w} x {n_b} grid", verbose=verbose)
+    with stage, x64():  # the whole grid is one vmapped call
         pd = theory.phase_diagram("tanh", sw, sb)
         line = np.asarray(theory.critical_sigma_w("tanh", sb))
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def _plot(sw, sb, chi1, xi_c, line, path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/phase_diagram")
-    r = run(parser.parse_args().out)
+    r = run(parser.parse_args().out, verbose=True)
     print(
         "critical sigma_w at sigma_b =",
         [f"{b:.2f}: {w:.4f}" for b, w in zip(r["sigma_b"][::5], r["critical_sigma_w"][::5])],

@@ -60,7 +60,7 @@ import jax
 import numpy as np
 import optax
 
-from gradflow import data
+from gradflow import data, progress
 from gradflow.initializers import glorot_normal
 from gradflow.nn import MLPStack
 from gradflow.optim import OptimConfig
@@ -172,12 +172,13 @@ def run(
     params = initial_params(model, ds.x_train[:batch_size], seed)
 
     t0 = time.perf_counter()
-    pre = jax.device_get(pretrain(model, params, ds.x_train, pre_cfg))
+    with progress.stage(f"greedy layer-wise pretraining, {pretrain_steps} steps per layer", verbose=verbose):
+        pre = jax.device_get(pretrain(model, params, ds.x_train, pre_cfg))
     pretrain_seconds = time.perf_counter() - t0
-    arms = {
-        "scratch": _arm(model, params, train_cfg, ds),
-        "pretrained": _arm(model, pre.params, train_cfg, ds),
-    }
+    arms = {}
+    for arm, start in (("scratch", params), ("pretrained", pre.params)):
+        with progress.stage(f"training the {arm} arm, {epochs} epochs", verbose=verbose):
+            arms[arm] = _arm(model, start, train_cfg, ds)
 
     names = layout(model, {"params": params}, ds.x_train[:1]).names  # embed, blocks[1..L], head
     s, p = arms["scratch"]["grad_norm_start"], arms["pretrained"]["grad_norm_start"]

@@ -28,7 +28,7 @@ import flax.linen as nn
 import numpy as np
 from flax import serialization
 
-from gradflow import data, spectra, train
+from gradflow import data, progress, spectra, train
 from gradflow.optim import OptimConfig
 
 
@@ -89,7 +89,8 @@ def run(
         diagnostics_every=diagnostics_every,
         optim=OptimConfig("adam", 3e-3),
     )
-    fitted = train.fit(model, cfg, (x_train, ds.y_train, x_test, ds.y_test), progress=False)
+    with progress.stage(f"training the ResNet, {epochs} epochs", verbose=verbose):
+        fitted = train.fit(model, cfg, (x_train, ds.y_train, x_test, ds.y_test), progress=False)
     x = x_test[:1]
     init_vars = train.init_variables(model, train.run_keys(seed)[0], x_train[: cfg.batch_size])
     trained_vars = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
@@ -102,16 +103,19 @@ def run(
         "grad_norm_first_epoch": fitted.history[0].get("grad_norm"),  # None without diagnostics
         "diagnostic_layers": fitted.diagnostic_layers,
     }
-    for when, variables in (("init", init_vars), ("trained", trained_vars)):
-        for direction in ("forward", "backward"):
-            res = spectra.model_spectra(model, variables, x, direction=direction)
-            res.save(out / f"spectra_{when}_{direction}.npz")
-            result[f"{when}_{direction}"] = {
-                "layers": list(res.layers),
-                "widths": [int(w) for w in res.widths],
-                "log_smax": res.log_max.tolist(),
-                "rank": [int(np.isfinite(row).sum()) for row in res.log_singular_values],
-            }
+    variables_at = {"init": init_vars, "trained": trained_vars}
+    todo = [(when, direction) for when in variables_at for direction in ("forward", "backward")]
+    for when, direction in progress.track(
+        todo, "spectra (init, trained x forward, backward)", verbose=verbose
+    ):
+        res = spectra.model_spectra(model, variables_at[when], x, direction=direction)
+        res.save(out / f"spectra_{when}_{direction}.npz")
+        result[f"{when}_{direction}"] = {
+            "layers": list(res.layers),
+            "widths": [int(w) for w in res.widths],
+            "log_smax": res.log_max.tolist(),
+            "rank": [int(np.isfinite(row).sum()) for row in res.log_singular_values],
+        }
     if verbose:
         print(f"test accuracy {result['test_accuracy']:.3f} after {epochs} epochs")
         for when in ("init", "trained"):

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradflow import data, spectra, train
+from gradflow import data, progress, spectra, train
 from gradflow.nn import GRUStack, LSTMStack, RNNStack
 from gradflow.numerics import x64
 from gradflow.optim import OptimConfig
@@ -184,11 +184,13 @@ def run(
         optim=OptimConfig("adam", lr, clip="global_norm", clip_value=1.0),
     )
     runs: dict[str, dict] = {}
-    for T in seq_lens:
+    for T in progress.track(seq_lens, "sequence lengths T", verbose=verbose):
         ds = data.adding_problem(T, num_samples=num_samples, num_test=num_test)
         baseline = float(np.mean((ds.y_test - 1.0) ** 2))  # predicting 1 on this test set
         xp, yp = ds.x_test[:profile_sequences], ds.y_test[:profile_sequences]
-        for name in models:
+        for name in progress.track(
+            models, f"T = {T}: models ({len(seeds)} seeds x {epochs} epochs)", verbose=verbose
+        ):
             model = MODELS[name](hidden=hidden)
             r = train.sweep(model, cfg, (ds.x_train, ds.y_train, None, None), train.grid(cfg, seeds=seeds))
             pred = np.asarray(_predict(model, jax.tree.map(jnp.asarray, r.params), jnp.asarray(ds.x_test)))

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import initializers
+from gradflow import initializers, progress
 from gradflow.check import GradientCheck, compare_gradients
 
 LAYERS = (2, 4, 3)
@@ -212,7 +212,7 @@ def run(
     x, target = jnp.asarray(X, jnp.float32), jnp.asarray(TARGET, jnp.float32)
 
     variants, curves = {}, {}
-    for name, fixes in VARIANTS.items():
+    for name, fixes in progress.track(VARIANTS.items(), f"variants ({epochs} epochs each)", verbose=verbose):
         record = {"fixes": list(fixes), "fix_descriptions": [FIX_DESCRIPTIONS[f] for f in fixes]}
         try:
             backward(params, forward(params, x), target, fixes)

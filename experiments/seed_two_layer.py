@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from gradflow import train
+from gradflow import progress, train
 from gradflow.check import compare_gradients
 from gradflow.numerics import x64
 from gradflow.optim import OptimConfig, make_optimizer
@@ -230,7 +230,8 @@ def run(
     with x64():
         x, y, params = make_problem(seed, "naive")
         _, _, he_params = make_problem(seed, "he")
-        curves = {name: np.asarray(train(params, x, y, steps)) for name, train in TRAINERS.items()}
+        trainers = progress.track(TRAINERS.items(), f"trainers ({steps} steps each)", verbose=verbose)
+        curves = {name: np.asarray(train(params, x, y, steps)) for name, train in trainers}
         check = compare_gradients(lambda p: loss_fn(p, x, y), params, loss_and_grads_by_hand(params, x, y)[1])
         he_name, big_name = f"he_sgd_{HE_LR:g}", f"naive_sgd_{NAIVE_BIG_LR:g}"
         curves[he_name] = np.asarray(train_by_hand(he_params, x, y, steps, lr=HE_LR))

@@ -55,7 +55,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gradflow import data, initializers, theory, train
+from gradflow import data, initializers, progress, theory, train
 from gradflow.nn import MLPStack
 from gradflow.numerics import x64
 from gradflow.optim import OptimConfig
@@ -121,7 +121,8 @@ def run(
     acc = np.zeros((len(sw), len(depths)))
     test_acc = np.zeros_like(acc)
     loss = np.zeros_like(acc)
-    for j, depth in enumerate(depths):
+    todo = progress.track(depths, f"depths ({len(sw)} weight scales x {epochs} epochs each)", verbose=verbose)
+    for j, depth in enumerate(todo):
         model = MLPStack(
             depth=depth,
             width=width,

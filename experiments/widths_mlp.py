@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gradflow import spectra
+from gradflow import progress, spectra
 
 INITS = ("he", "glorot")
 
@@ -90,7 +90,9 @@ def run(
     xs = jax.random.normal(jax.random.key(seed), (num_inputs, 1, d_in))
     result: dict = {"widths": list(widths), "num_inputs": num_inputs, "num_seeds": num_seeds, "inits": {}}
     log_gain: dict[str, list] = {}
-    for init in INITS:
+    for init in progress.track(
+        INITS, f"inits ({num_seeds} seeds x {num_inputs} inputs each)", verbose=verbose
+    ):
         model = MLP(layer_widths, init)
         gains, bounds_ok = [], True
         for s in range(num_seeds):

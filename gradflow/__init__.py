@@ -12,6 +12,7 @@ from gradflow import nn as nn
 from gradflow import numerics as numerics
 from gradflow import optim as optim
 from gradflow import pretrain as pretrain
+from gradflow import progress as progress
 from gradflow import signal as signal
 from gradflow import spectra as spectra
 from gradflow import store as store
@@ -32,6 +33,7 @@ __all__ = [
     "optim",
     "plots",
     "pretrain",
+    "progress",
     "signal",
     "spectra",
     "store",
