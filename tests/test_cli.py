@@ -8,6 +8,8 @@ import pytest
 import tyro
 
 from gradflow import atlas, cli
+from gradflow.cli import app, inputs
+from gradflow.cli.config import Atlas, Spectra
 
 SUBCOMMANDS = ("spectra", "train", "sweep", "atlas", "report")
 
@@ -19,7 +21,7 @@ def test_every_subcommand_has_help(sub, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert f"gradflow {sub}" in text
-    assert cli.COMMANDS[sub][0].__doc__.split()[0] in text
+    assert app.COMMANDS[sub][0].__doc__.split()[0] in text
 
 
 @pytest.mark.parametrize(
@@ -160,10 +162,10 @@ def test_spectra_of_conv_and_transformer_kinds_against_float64(flags, layers, tm
     assert cli.main([*argv, "--model.activation", "tanh", "--out", str(out)]) == 0
     saved = np.load(out / "spectra.npz")
     assert list(saved["layers"]) == layers
-    cmd = tyro.extras.subcommand_cli_from_dict({"spectra": cli.Spectra}, args=argv)
+    cmd = tyro.extras.subcommand_cli_from_dict({"spectra": Spectra}, args=argv)
     model = cmd.model.build()
     flat = data.mnist1d(seed=0, num_samples=100).x_train[:1]
-    x = cli._examples(cmd.model, np.asarray(flat), cmd.input)
+    x = inputs._examples(cmd.model, np.asarray(flat), cmd.input)
     variables = model.init(jax.random.key(0), x)
     wants = _float64_products_log_sv(model, variables, x[0])
     for row, want, name in zip(saved["log_singular_values"], wants, layers, strict=True):
@@ -180,12 +182,12 @@ def test_examples_are_laid_out_as_each_kind_reads_them():
     x = np.arange(2 * measure.SIGNAL, dtype=np.float32).reshape(2, measure.SIGNAL)
     cfg = StackConfig(kind="transformer", width=8, heads=2)
     np.testing.assert_array_equal(
-        cli._examples(cfg, x, "mnist1d"), x.reshape(2, measure.TOKENS, measure.SIGNAL // measure.TOKENS)
+        inputs._examples(cfg, x, "mnist1d"), x.reshape(2, measure.TOKENS, measure.SIGNAL // measure.TOKENS)
     )
     pixels = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
-    images = cli._examples(StackConfig(kind="conv", spatial_dims=2), pixels, "digits")
+    images = inputs._examples(StackConfig(kind="conv", spatial_dims=2), pixels, "digits")
     np.testing.assert_array_equal(images, pixels.reshape(2, 8, 8))
-    assert cli._examples(StackConfig(kind="conv"), x, "mnist1d") is x  # 1-D: the signal as it is
+    assert inputs._examples(StackConfig(kind="conv"), x, "mnist1d") is x  # 1-D: the signal as it is
 
 
 def test_transformer_kind_trains(tmp_path):
@@ -263,8 +265,8 @@ def test_tiny_atlas_and_report_rebuild(tmp_path):
 def test_an_atlas_command_line_runs_only_the_parts_it_names(flags, names, note, capsys):
     """Naming only some parts' axes (feed-forward, recurrent, nets) leaves the others out (the
     issue: --grid full --archs --activations also ran five T = 200 cells)."""
-    cmd = tyro.extras.subcommand_cli_from_dict({"atlas": cli.Atlas}, args=["atlas", *flags])
-    ff, rec, nets = atlas.cases(cli._narrow_atlas(cmd, ["atlas", *flags]).config)
+    cmd = tyro.extras.subcommand_cli_from_dict({"atlas": Atlas}, args=["atlas", *flags])
+    ff, rec, nets = atlas.cases(app._narrow_atlas(cmd, ["atlas", *flags]).config)
     assert sorted(c.name for c in ff + rec + nets) == sorted(names)
     out = capsys.readouterr().out
     assert (note in out) if note else "gradflow atlas:" not in out
@@ -300,7 +302,7 @@ def test_spectra_of_a_user_model_file_against_float64(tmp_path, capsys):
     saved = np.load(out / "spectra.npz")
     assert list(saved["layers"]) == ["Conv_0", "Conv_1", "Dense_0"]
     # oracle: the whole model's Jacobian at the same input, float64 jacfwd + SVD
-    model = cli.load_model(f"{MODELS}:Tiny")
+    model = inputs.load_model(f"{MODELS}:Tiny")
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.fold_in(key, 1), (1, 6, 6, 1))
     v = model.init(key, x)
@@ -395,6 +397,38 @@ def test_sweep_in_calls_keeps_each_call_and_a_rerun_trains_only_the_missing_ones
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "--runs-per-call", "0", "--out", str(out)])
     assert e.value.code == 2 and "--runs-per-call must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (
+            ["--train.optim.lr", "0.01"],
+            "--train.optim.lr 0.01 is not read by a sweep; give the learning rates with --lr",
+        ),
+        (
+            ["--train.optim.clip-value", "0.5"],
+            "--train.optim.clip-value 0.5 is not read by a sweep; give the clipping thresholds with --clip-value",
+        ),
+    ],
+)
+def test_a_sweep_refuses_the_train_flags_its_grid_replaces(flags, said, tmp_path, capsys):
+    """A sweep's grid (--lr x --clip-value) replaces train.optim's lr and clip_value: a flag for
+    them is refused, naming the flag to use, before any work (--out is not even made)."""
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", *flags, "--out", str(out)])
+    assert e.value.code == 2
+    assert said in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sweep_help_says_what_train_seed_seeds(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one help line per field: nothing wrapped
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--help"])
+    assert e.value.code == 0
+    assert "--train.seed seeds only the data" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ctrl_c_during_a_sweep_keeps_the_call_in_flight_and_the_rerun_trains_the_rest(

@@ -8,7 +8,6 @@ The rest is imported from its submodule: `state`, `step`, `diagnostics`, `loop` 
 
 from gradflow.train.diagnostics import NONFINITE_KINDS as NONFINITE_KINDS
 from gradflow.train.hparams import Hparams as Hparams
-from gradflow.train.hparams import check_hparams as check_hparams
 from gradflow.train.hparams import grid as grid
 from gradflow.train.layers import Layout as Layout
 from gradflow.train.layers import layout as layout
@@ -17,7 +16,6 @@ from gradflow.train.loop import evaluate as evaluate
 from gradflow.train.loop import make_train_epoch as make_train_epoch
 from gradflow.train.results import SweepResult as SweepResult
 from gradflow.train.results import TrainResult as TrainResult
-from gradflow.train.results import ranked_rows as ranked_rows
 from gradflow.train.run import fit as fit
 from gradflow.train.state import TrainConfig as TrainConfig
 from gradflow.train.state import TrainState as TrainState
@@ -34,14 +32,12 @@ __all__ = [
     "Layout",
     "layout",
     "Hparams",
-    "check_hparams",
     "grid",
     "epoch_batches",
     "evaluate",
     "make_train_epoch",
     "SweepResult",
     "TrainResult",
-    "ranked_rows",
     "fit",
     "TrainConfig",
     "TrainState",
