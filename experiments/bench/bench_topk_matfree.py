@@ -30,6 +30,7 @@ from jax import lax
 from gradflow import initializers as gi
 from gradflow import spectra
 from gradflow.nn import ConvStack, MLPStack, chain
+from gradflow.spectra._topk import default_oversample
 
 
 def _timed(fn, warm: bool = True):
@@ -98,13 +99,13 @@ def cnn(args):
     top, t_top, w_top = _timed(
         lambda: spectra.model_spectra(model, variables, x, method="topk", k=args.k).log_singular_values
     )
-    m = 2 * args.k
+    m = args.k + default_oversample(args.k)
     rows.append(
         (
             "gradflow topk",
             t_top,
             w_top,
-            f"{m} rows x (1 + 2 x rounds) per depth",
+            f"{m} rows down + {2 * m} up per round",
             float(np.max(np.abs(np.asarray(top) - ref))),
         )
     )

@@ -10,7 +10,8 @@ For a chain of layer maps h_l = f_l(h_{l-1}), l = 1..L (`gradflow.nn.chain`: any
 Engines (each in its own file, with its method, papers and accuracy limits):
 - "exact" (`_exact.py`): every singular value, the product carried in log-scaled form and
   re-factored at every layer (QR + LQ, then one-sided Jacobi at the requested depths).
-- "topk" (`_topk.py`): the k largest, matrix-free, by a block recursion and subspace iteration.
+- "topk" (`_topk.py`): the k largest, matrix-free, by a block recursion refined by a
+  LOBPCG-style block iteration on J^T J.
 - "auto" (the default): "exact" while the rows it carries (the rank bound of the products: the
   smallest state so far forward, the output size backward) are at most `AUTO_EXACT_SIZE`, else
   "topk" with k = `AUTO_K` (unless k is given); the result's `.method` says which ran.
@@ -121,9 +122,9 @@ def jacobian_spectra(
       k: number of singular values kept (default: all for exact, `AUTO_K` for auto's topk;
         required for topk).
       direction: "forward" (J_l) or "backward" (G_l).
-      oversample, refine, key: topk only: extra block columns (default k: the block is 2k
-        wide), the most subspace-iteration rounds at each requested depth (it stops once the
-        top k log sigma move by < 1e-5), and the PRNG key of the random start block.
+      oversample, refine, key: topk only: extra block rows (default max(2, k // 4)), the
+        most block-iteration rounds at each requested depth (it stops once the top k log
+        sigma move by < 1e-5), and the PRNG key of the random start block.
       tol: Jacobi convergence tolerance on pair cosines (default 8 N eps).
 
     Returns:
@@ -224,7 +225,7 @@ def chain_spectra(
     if not (isinstance(k, int | np.integer) and 1 <= k <= bound):
         raise ValueError(f"k must be an integer in 1..{bound} (the rank bound of the products), got {k!r}")
     if oversample is not None and oversample < 0:
-        raise ValueError(f"oversample must be >= 0 (extra block columns for topk), got {oversample}")
+        raise ValueError(f"oversample must be >= 0 (extra block rows for topk), got {oversample}")
 
     steps, shared, params = c.parts()
     if method == "exact":
