@@ -95,6 +95,22 @@ def test_bridged_seeds_draw_different_parameters():
     assert not np.allclose(kernels[0], kernels[1])
 
 
+def test_a_sweeps_weight_scale_reaches_every_layer_of_a_bridged_model():
+    """`Hparams.weight_scale` scales the kernels of every layer of the layout, the nnx list's
+    blocks (integer keys in the bridge's params) included, and nothing else."""
+    from gradflow.train.hparams import scale_kernels
+
+    model, x = nnx.bridge.to_linen(Net, 4, 6, 3), jnp.ones((2, 4))
+    params = model.init(jax.random.key(5), x)["params"]
+    scaled = scale_kernels(params, 2.0, train_layout(model, {"params": params}, x))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        want = 2.0 * leaf if str(getattr(path[-1], "key", path[-1])) == "kernel" else leaf
+        got = scaled
+        for k in path:
+            got = got[getattr(k, "key", getattr(k, "idx", k))]
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bridged_spectra_against_float64_and_nested_names():
     model, x = nnx.bridge.to_linen(Net, 4, 6, 3), jax.random.normal(jax.random.key(3), (1, 4))
     v = model.init(jax.random.key(4), x)

@@ -91,7 +91,8 @@ def scale_kernels(params: Any, scale: ArrayLike, lay: Layout | None = None) -> A
     the kernels (`gradflow.nn.chains.kernel_paths`) under `lay.layers` (a stack's blocks; every
     layer of an adapted model; every entry of a recurrent stack), or every kernel of `params`
     without a layout."""
-    under = None if lay is None else [path for path, _, _ in lay.layers]
+    # kernel_paths names keys as strings; a layout's paths may hold an nnx list's integer keys
+    under = None if lay is None else [tuple(map(str, path)) for path, _, _ in lay.layers]
     chosen = {p for p in kernel_paths(params) if under is None or any(p[: len(u)] == u for u in under)}
 
     def scaled(path, leaf):
