@@ -23,7 +23,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradflow.nn.chains import kernel_paths
+from gradflow.nn.chains import kernel_paths, subtree
 from gradflow.optim import make_optimizer
 
 if TYPE_CHECKING:
@@ -54,13 +54,6 @@ class LayerFit(NamedTuple):
     input_var: jax.Array
 
 
-def at(tree: Any, path: tuple[str, ...]) -> Any:
-    """The subtree of `tree` at `path` (a `kernel_paths` entry)."""
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
     if cfg.noise == 0:
         return h
@@ -72,7 +65,7 @@ def _corrupt(key: jax.Array, h: jax.Array, cfg: PretrainConfig) -> jax.Array:
 def _kernel(params: Params) -> jax.Array:
     """The encoder's one kernel (a Dense's own, or a block's dense layer's)."""
     (path,) = kernel_paths(params)
-    return at(params, path)
+    return subtree(params, path)
 
 
 def _decode(decoder: Params, enc_params: Params, z: jax.Array, tied: bool, shape: tuple) -> jax.Array:

@@ -51,8 +51,10 @@ from gradflow.nn.chains import (
     kernel_paths,
     layer_key,
     layer_variables,
+    subtree,
     walk,
     with_layer_variables,
+    with_subtree,
 )
 from gradflow.nn.chains import chain as make_chain
 from gradflow.nn.conv import ConvStack
@@ -156,17 +158,6 @@ def _orthonormal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     q, r = np.linalg.qr(rng.standard_normal((max(n_in, n_out), min(n_in, n_out))))
     q = q * np.sign(np.diagonal(r))[None, :]  # Haar measure (Mezzadri 2007)
     return (q.T if n_in < n_out else q).reshape(shape)
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _put(tree: Any, path: tuple[str, ...], value: Any) -> Any:
-    head, *rest = path
-    return {**tree, head: _put(tree[head], tuple(rest), value) if rest else value}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layers", "owners"))
@@ -279,14 +270,14 @@ def lsuv(
         own = layer_variables(out, seg, i)
         if orthonormal:
             for path in kernels:
-                k = _get(own, path)
-                own = _put(own, path, jnp.asarray(_orthonormal(rng, k.shape), k.dtype))
+                k = subtree(own, path)
+                own = with_subtree(own, path, jnp.asarray(_orthonormal(rng, k.shape), k.dtype))
         base = own
 
         def scaled(scale: float, out=out, seg: Segment = seg, i: int = i, base=base, kernels=kernels) -> Any:
             new = base
             for path in kernels:
-                new = _put(new, path, _get(base, path) * scale)
+                new = with_subtree(new, path, subtree(base, path) * scale)
             return with_layer_variables(out, seg, i, new)
 
         # the paper's loop for one layer: W <- W / sqrt(v) until |v - 1| < tol. A layer of m

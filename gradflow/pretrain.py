@@ -65,7 +65,6 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from gradflow._autoencoder import LayerFit as LayerFit
-from gradflow._autoencoder import at
 from gradflow._autoencoder import pretrain_layer as pretrain_layer
 from gradflow._checks import check_bool, check_choice, check_int, check_real
 from gradflow.nn.chains import (
@@ -76,6 +75,7 @@ from gradflow.nn.chains import (
     layer_key,
     layer_map,
     layer_variables,
+    subtree,
     with_layer_variables,
 )
 from gradflow.nn.chains import chain as make_chain
@@ -305,7 +305,7 @@ def pretrain(
     for s, i, _ in greedy:
         seg = c.segments[s]
         kernels = kernel_paths(layer_variables(variables, seg, i))
-        shapes = [jnp.shape(at(layer_variables(variables, seg, i), k)) for k in kernels]
+        shapes = [jnp.shape(subtree(layer_variables(variables, seg, i), k)) for k in kernels]
         if len(kernels) != 1 or (cfg.tied and len(shapes[0]) != 2):
             raise ValueError(
                 f"layer {seg.names[i]!r} has kernels of shapes {shapes}: pretraining needs one kernel per "

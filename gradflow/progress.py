@@ -50,9 +50,12 @@ class _Eta(ProgressColumn):
     def render(self, task: Task) -> Text:
         if task.total is None or task.completed == 0 or task.finished:
             return Text("")
-        elapsed = task.elapsed or 0.0
-        left = elapsed / task.completed * (task.total - task.completed)
-        return Text(f"eta {_clock(left)}")
+        return Text(f"eta {_clock(_left(task.elapsed or 0.0, task.completed, task.total))}")
+
+
+def _left(elapsed: float, done: float, total: float) -> float:
+    """Seconds left of a loop at the mean time per item so far."""
+    return elapsed / done * (total - done)
 
 
 def _clock(seconds: float) -> str:
@@ -176,7 +179,7 @@ def track(
                 if bar is not None:
                     bar.advance(task)
                 else:
-                    eta = "" if total in (None, done) else f", eta {_clock(seconds / done * (total - done))}"
+                    eta = "" if total in (None, done) else f", eta {_clock(_left(seconds, done, total))}"
                     of = "" if total is None else f"/{total}"
                     _say(console, f"{description}: {done}{of}, {_seconds(seconds)} elapsed{eta}")
         finally:

@@ -8,7 +8,7 @@ a model's parameter names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -17,13 +17,26 @@ if TYPE_CHECKING:
     from gradflow.nn.chains import Segment
 
 
+def subtree(tree: Any, path: Sequence[Any]) -> Any:
+    """The subtree of nested dicts `tree` at `path` (a `param_path`, a `kernel_paths` entry)."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def with_subtree(tree: Any, path: Sequence[Any], value: Any) -> Any:
+    """A copy of nested dicts `tree` with the subtree at `path` replaced by `value`."""
+    if not path:
+        return value
+    head, *rest = path
+    return {**tree, head: with_subtree(tree[head], rest, value)}
+
+
 def layer_variables(variables: Any, seg: Segment, i: int, collection: str = "params") -> Any:
     """Layer i of `seg`'s own variables in `collection` (a subtree of variables[collection])."""
     if seg.param_path is None:
         raise ValueError(f"layer {seg.names[i]!r} has no variables of its own")
-    tree = variables[collection]
-    for key in seg.param_path:
-        tree = tree[key]
+    tree = subtree(variables[collection], seg.param_path)
     return jax.tree.map(lambda a: a[i], tree) if seg.stacked else tree
 
 
@@ -34,15 +47,10 @@ def with_layer_variables(
     (i=None: all of the segment's, stacked as they are stored)."""
     if seg.param_path is None:
         raise ValueError(f"layer {seg.names[i or 0]!r} has no variables of its own")
-
-    def put(tree: Any, path: tuple[str, ...]) -> Any:
-        if path:
-            return {**tree, path[0]: put(tree[path[0]], path[1:])}
-        if seg.stacked and i is not None:
-            return jax.tree.map(lambda a, b: a.at[i].set(b), tree, new)
-        return new
-
-    return {**variables, collection: put(variables[collection], seg.param_path)}
+    tree = variables[collection]
+    if seg.stacked and i is not None:
+        new = jax.tree.map(lambda a, b: a.at[i].set(b), subtree(tree, seg.param_path), new)
+    return {**variables, collection: with_subtree(tree, seg.param_path, new)}
 
 
 def layer_map(variables: Any, seg: Segment, i: int) -> Callable[[Any, jax.Array], jax.Array]:

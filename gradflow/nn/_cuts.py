@@ -34,7 +34,7 @@ def cut(h: jax.Array, name: str) -> jax.Array:
 
 
 @contextlib.contextmanager
-def _hooked(hook: Callable[[str, Any], Any]):
+def _hooked(hook: Callable[..., Any]):
     token = _HOOK.set(hook)
     try:
         yield

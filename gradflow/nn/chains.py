@@ -66,7 +66,9 @@ import numpy as np
 from gradflow.nn._access import kernel_paths as kernel_paths
 from gradflow.nn._access import layer_map as layer_map
 from gradflow.nn._access import layer_variables as layer_variables
+from gradflow.nn._access import subtree as subtree
 from gradflow.nn._access import with_layer_variables as with_layer_variables
+from gradflow.nn._access import with_subtree as with_subtree
 from gradflow.nn._cuts import (
     _check_arrays,
     _CutLayer,

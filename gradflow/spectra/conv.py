@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 
 from gradflow.nn.chains import chain as make_chain
-from gradflow.nn.chains import kernel_paths, layer_variables
+from gradflow.nn.chains import kernel_paths, layer_variables, subtree
 from gradflow.nn.conv import ConvStack
 from gradflow.spectra import _jacobi
 from gradflow.spectra._exact import _exact
@@ -401,8 +401,7 @@ def conv_stack_spectra(
     paths = kernel_paths(own)
     if len(paths) != 1:
         raise ValueError(f"conv_stack_spectra: a block must hold one conv kernel, found {paths}")
-    kernels = own
-    for key in paths[0]:
-        kernels = kernels[key]
-    res = conv_spectra(kernels, c.h0.shape[:d], depths=depths, tol=tol, batch=batch, method=method)
+    res = conv_spectra(
+        subtree(own, paths[0]), c.h0.shape[:d], depths=depths, tol=tol, batch=batch, method=method
+    )
     return dataclasses.replace(res, layers=tuple(c.layers[int(l) - 1] for l in res.depths))

@@ -56,6 +56,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gradflow.nn.chains import subtree
 from gradflow.numerics import stable_norm
 from gradflow.train.layers import Layout
 
@@ -89,17 +90,11 @@ def stacked_norms(tree: Any) -> jax.Array:
     return _row_norms(_flat(leaves, leaves[0].shape[0]))
 
 
-def _at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def layer_norms(lay: Layout, params: Any) -> jax.Array:
     """Per-layer norms of a params-shaped tree, shape (lay.num_layers,)."""
     out = []
     for path, _, stacked in lay.layers:
-        sub = _at(params, path)
+        sub = subtree(params, path)
         out.append(stacked_norms(sub) if stacked else tree_norm(sub)[None])
     return jnp.concatenate(out)
 
