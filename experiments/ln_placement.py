@@ -70,6 +70,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from gradflow import progress
 from gradflow.nn import TransformerStack
 from gradflow.optim import OptimConfig, make_optimizer
 from gradflow.train import TrainConfig, evaluate, init_state, make_train_step, run_keys
@@ -218,7 +219,7 @@ def run(
         "init": {},
         "train": {},
     }
-    for depth in depths:
+    for depth in progress.track(depths, "gradients at initialization, by depth", verbose=verbose):
         row = {}
         for ln in ("post", "pre"):
             net = model(ln, depth, width, heads, vocab, seq_len)
@@ -238,7 +239,9 @@ def run(
     x_tr, y_tr = x_tr.reshape(steps, batch, *x_tr.shape[1:]), y_tr.reshape(steps, batch, -1)
     x_te, y_te = counts(test_samples, train_seq_len, train_vocab, seed + 2)
     arms = {"post": ("post", 0), "pre": ("pre", 0), "post_warmup": ("post", warmup)}
-    for arm, (ln, w) in arms.items():
+    for arm, (ln, w) in progress.track(
+        arms.items(), f"Adam runs ({len(lrs)} learning rates each)", verbose=verbose
+    ):
         net = model(
             ln, train_depth, train_width, train_heads, train_vocab, train_seq_len, classes=train_seq_len
         )

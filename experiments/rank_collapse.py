@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import signal, spectra
+from gradflow import progress, signal, spectra
 from gradflow.numerics import x64
 
 
@@ -139,7 +139,7 @@ def run(
     x = tokens(seq_len, vocab, dim, seed)
     blocks = [f"Block_{i}" for i in range(depth)]
     result: dict = {"depth": depth, "dim": dim, "heads": heads, "seq_len": seq_len, "arms": {}}
-    for arm, (residual, mlp) in ARMS.items():
+    for arm, (residual, mlp) in progress.track(ARMS.items(), "arms", verbose=verbose):
         model = Transformer(depth, heads, vocab, residual=residual, mlp=mlp)
         variables = model.init(jax.random.key(seed + 1), x)
         # the token states in float64 (the same weights and tokens): res(X_l) resolved down to
