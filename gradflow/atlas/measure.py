@@ -26,6 +26,7 @@ from gradflow.atlas.grid import (
 from gradflow.atlas.verdict import _finite_spread, _log_rms, verdict
 from gradflow.nn import ConvStack, GRUStack, LSTMStack, MLPStack, RNNStack, TransformerStack
 from gradflow.nn.chains import walk
+from gradflow.nn.config import TOKENS
 from gradflow.numerics import stable_norm
 from gradflow.optim import OptimConfig
 from gradflow.train import Hparams, TrainConfig, init_variables, run_keys, sweep
@@ -251,8 +252,8 @@ def _measure_recurrent(case: RecurrentCase, cfg: AtlasConfig) -> tuple[dict, dic
 
 SIGNAL = 40
 """The length of an MNIST-1D signal (`gradflow.data.mnist1d`): the atlas CNNs' positions."""
-TOKENS = 8
-"""The atlas's Transformers read an MNIST-1D signal as TOKENS tokens of SIGNAL / TOKENS samples."""
+# The atlas's Transformers read an MNIST-1D signal as TOKENS tokens of SIGNAL / TOKENS samples:
+# the CLI's transformer kind's reading (`gradflow.nn.config.TOKENS`), one constant for both.
 
 
 def net_channels(width: int) -> int:

@@ -20,9 +20,9 @@ LN = ("pre", "post", "none")
 # The fields only one kind reads (None: not given; that kind's default applies) and the kind.
 _CONV_FIELDS = ("spatial_dims", "padding", "stages", "stride", "pool")
 _TRANSFORMER_FIELDS = ("heads", "ln", "skip", "mlp", "tokens")
-# A Transformer reads an example as TOKENS tokens when `tokens` is not given: the atlas's reading
-# of an MNIST-1D signal (`gradflow.atlas.measure.TOKENS`, 40 samples as 8 tokens of 5), which
-# also cuts a digits image's 64 pixels into its 8 rows.
+# A Transformer reads an example as TOKENS tokens when `tokens` is not given: the atlas reads an
+# MNIST-1D signal with this constant too (`gradflow.atlas.measure`: 40 samples as 8 tokens of 5),
+# which also cuts a digits image's 64 pixels into its 8 rows.
 TOKENS = 8
 
 
